@@ -1,0 +1,207 @@
+"""Every runtime setting, read from the environment, with its documented default.
+
+This is the only place that reads environment variables. Names that Label Studio
+ML backends already use (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``,
+``BASIC_AUTH_USER``, ``BASIC_AUTH_PASS``, ``MODEL_DIR``) keep their usual names;
+everything specific to this project is prefixed ``EGM_``.
+
+``docs/configuration.md`` is generated from the field descriptions below
+(``egm-assist config --markdown``), so the table never drifts from the code.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str, *aliases: str) -> AliasChoices:
+    return AliasChoices(name, *aliases)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+
+    # --- Redis / queue -------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=_env("REDIS_URL"),
+        description="Redis connection URL shared by the backend, workers and CLI.",
+    )
+    queue_prefix: str = Field(
+        "egm",
+        validation_alias=_env("EGM_QUEUE_PREFIX"),
+        description="Prefix of the RQ queue names and of every Redis key this project writes.",
+    )
+    job_timeout_s: int = Field(
+        900, validation_alias=_env("EGM_JOB_TIMEOUT_S"),
+        description="Longest a single batch job may run on a worker before RQ fails it.",
+    )
+    job_retries: int = Field(
+        3, validation_alias=_env("EGM_JOB_RETRIES"),
+        description="How often a batch job that failed or whose worker died is retried.",
+    )
+    heartbeat_s: int = Field(
+        5, validation_alias=_env("EGM_HEARTBEAT_S"),
+        description="Worker heartbeat period. A worker silent for 3 periods + 10 s is dead and its jobs are re-queued.",
+    )
+    result_ttl_s: int = Field(
+        3600, validation_alias=_env("EGM_RESULT_TTL_S"),
+        description="How long finished job results stay in Redis.",
+    )
+    failure_ttl_s: int = Field(
+        7 * 24 * 3600, validation_alias=_env("EGM_FAILURE_TTL_S"),
+        description="How long failed jobs stay in RQ's failed registry (RQ's default is a year).",
+    )
+    cache_ttl_s: int = Field(
+        30 * 24 * 3600, validation_alias=_env("EGM_CACHE_TTL_S"),
+        description="Lifetime of the content-addressed result cache entries (0 disables the cache).",
+    )
+
+    # --- Label Studio --------------------------------------------------------
+    label_studio_url: str = Field(
+        "http://127.0.0.1:8080", validation_alias=_env("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
+        description="Base URL of Label Studio, used to download /data/... images and to write predictions.",
+    )
+    label_studio_api_key: SecretStr | None = Field(
+        None, validation_alias=_env("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
+        description="Label Studio legacy token or personal access token (JWT refresh token).",
+    )
+
+    # --- ML backend HTTP service --------------------------------------------
+    host: str = Field("127.0.0.1", validation_alias=_env("EGM_HOST"),
+                      description="Interface the ML backend listens on (0.0.0.0 inside containers).")
+    port: int = Field(9090, validation_alias=_env("EGM_PORT", "PORT"),
+                      description="Port of the ML backend.")
+    basic_auth_user: str | None = Field(None, validation_alias=_env("BASIC_AUTH_USER"),
+                                        description="Basic-auth user required on every route but /health.")
+    basic_auth_pass: SecretStr | None = Field(None, validation_alias=_env("BASIC_AUTH_PASS"),
+                                              description="Basic-auth password.")
+    predict_budget_s: float = Field(
+        25.0, validation_alias=_env("EGM_PREDICT_BUDGET_S"),
+        description="How long /predict waits for workers before handing late results to them "
+                    "(they write them to Label Studio). Keep well under ML_TIMEOUT_PREDICT (100 s).",
+    )
+    max_request_bytes: int = Field(
+        10 * 1024 * 1024, validation_alias=_env("EGM_MAX_REQUEST_BYTES"),
+        description="Largest request body the backend accepts.",
+    )
+    max_prompt_chars: int = Field(
+        1000, validation_alias=_env("EGM_MAX_PROMPT_CHARS"),
+        description="Longest typed referring expression accepted.",
+    )
+
+    # --- Model / engine ------------------------------------------------------
+    engine: Literal["hf", "vllm", "openai", "scripted"] = Field(
+        "hf", validation_alias=_env("EGM_ENGINE"),
+        description="Inference engine: hf (transformers), vllm (in-process), openai (any OpenAI-compatible "
+                    "server such as `vllm serve`), scripted (returns fixed EGM text; tests and benchmarks).",
+    )
+    model_dir: str | None = Field(
+        None, validation_alias=_env("MODEL_DIR"),
+        description="Local directory of a Qwen3-VL/EGM checkpoint. Takes precedence over EGM_MODEL_ID.",
+    )
+    model_id: str = Field(
+        "nvidia/EGM-4B", validation_alias=_env("EGM_MODEL_ID"),
+        description="Hub id used when MODEL_DIR is unset and weights are reachable.",
+    )
+    device: str = Field("auto", validation_alias=_env("EGM_DEVICE"),
+                        description="torch device for the hf engine: auto, cpu, cuda, cuda:N.")
+    dtype: str = Field("auto", validation_alias=_env("EGM_DTYPE"),
+                       description="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32.")
+    max_pixels: int = Field(
+        1280 * 28 * 28, validation_alias=_env("EGM_MAX_PIXELS"),
+        description="Pixel cap of the image given to the model (about max_pixels/1024 visual tokens).",
+    )
+    min_pixels: int = Field(256 * 28 * 28 // 4, validation_alias=_env("EGM_MIN_PIXELS"),
+                            description="Lower pixel bound of the image given to the model.")
+    max_new_tokens: int = Field(1024, validation_alias=_env("EGM_MAX_NEW_TOKENS"),
+                                description="Generation budget per image (EGM answers are ~100 tokens).")
+    temperature: float = Field(0.0, validation_alias=_env("EGM_TEMPERATURE"),
+                               description="0 means greedy decoding, as EGM is evaluated.")
+    batch_size: int = Field(8, validation_alias=_env("EGM_BATCH_SIZE"),
+                            description="Tasks per batch job (bulk) and per engine call.")
+    compile: bool = Field(False, validation_alias=_env("EGM_COMPILE"),
+                          description="hf engine: static KV cache + torch.compile of the decode step (GPU).")
+    openai_base_url: str = Field("http://127.0.0.1:8000/v1", validation_alias=_env("EGM_OPENAI_BASE_URL"),
+                                 description="OpenAI-compatible endpoint for the openai engine.")
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("EGM_OPENAI_API_KEY"),
+                                             description="Bearer token for the OpenAI-compatible endpoint.")
+    openai_model: str | None = Field(None, validation_alias=_env("EGM_OPENAI_MODEL"),
+                                     description="Model name to request (default: the served model).")
+    openai_concurrency: int = Field(16, validation_alias=_env("EGM_OPENAI_CONCURRENCY"),
+                                    description="Requests in flight per worker for the openai engine.")
+    openai_timeout_s: float = Field(120.0, validation_alias=_env("EGM_OPENAI_TIMEOUT_S"),
+                                    description="Timeout of one OpenAI-compatible request.")
+    vllm_gpu_memory_utilization: float = Field(0.85, validation_alias=_env("EGM_VLLM_GPU_MEMORY_UTILIZATION"),
+                                               description="vLLM: fraction of GPU memory to use.")
+    vllm_max_model_len: int = Field(8192, validation_alias=_env("EGM_VLLM_MAX_MODEL_LEN"),
+                                    description="vLLM: context length.")
+    vllm_tensor_parallel_size: int = Field(1, validation_alias=_env("EGM_VLLM_TENSOR_PARALLEL_SIZE"),
+                                           description="vLLM: GPUs per model replica.")
+    scripted_response: str | None = Field(None, validation_alias=_env("EGM_SCRIPTED_RESPONSE"),
+                                          description="scripted engine: completion to return ({label} is filled in).")
+
+    # --- Prompts and labels --------------------------------------------------
+    prompt_mode: Literal["multi", "per_label"] = Field(
+        "multi", validation_alias=_env("EGM_PROMPT_MODE"),
+        description="Label-driven pre-annotation: one Qwen3-VL multi-category prompt per image (multi) "
+                    "or one EGM referring prompt per label (per_label).",
+    )
+    prompt_dir: str | None = Field(None, validation_alias=_env("EGM_PROMPT_DIR"),
+                                   description="Folder with prompt templates overriding config/prompts/.")
+
+    # --- Images --------------------------------------------------------------
+    max_image_pixels: int = Field(
+        64_000_000, validation_alias=_env("EGM_MAX_IMAGE_PIXELS"),
+        description="Images with more pixels are refused (decompression-bomb guard).",
+    )
+    max_image_bytes: int = Field(50 * 1024 * 1024, validation_alias=_env("EGM_MAX_IMAGE_BYTES"),
+                                 description="Largest image download accepted.")
+    image_timeout_s: float = Field(20.0, validation_alias=_env("EGM_IMAGE_TIMEOUT_S"),
+                                   description="Timeout of one image download.")
+    allowed_hosts: str = Field(
+        "", validation_alias=_env("EGM_ALLOWED_HOSTS"),
+        description="Comma-separated extra hosts images may be fetched from (Label Studio's host is always allowed). "
+                    "'*' allows any public host.",
+    )
+    allow_private_networks: bool = Field(
+        False, validation_alias=_env("EGM_ALLOW_PRIVATE_NETWORKS"),
+        description="Allow image URLs that resolve to loopback/private/link-local addresses (other than Label Studio's).",
+    )
+    local_files_root: str | None = Field(
+        None, validation_alias=_env("EGM_LOCAL_FILES_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"),
+        description="Root folder for local paths and /data/local-files/?d=... URLs read from disk.",
+    )
+
+    # --- Logging -------------------------------------------------------------
+    log_level: str = Field("INFO", validation_alias=_env("EGM_LOG_LEVEL", "LOG_LEVEL"),
+                           description="Log level.")
+    log_format: Literal["json", "text"] = Field("json", validation_alias=_env("EGM_LOG_FORMAT"),
+                                                description="json (structured, one object per line) or text.")
+
+    @property
+    def model_path(self) -> str:
+        return self.model_dir or self.model_id
+
+    def secret_values(self) -> list[str]:
+        """Every secret this process knows, for log redaction."""
+        out = []
+        for value in (self.label_studio_api_key, self.basic_auth_pass, self.openai_api_key):
+            if value is not None and value.get_secret_value():
+                out.append(value.get_secret_value())
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reload_settings() -> Settings:
+    """Re-read the environment (tests, CLI flags that set variables)."""
+    get_settings.cache_clear()
+    return get_settings()

@@ -1,0 +1,138 @@
+"""The queue contract between whoever enqueues work (ML backend, CLI) and the workers.
+
+Defined once here and imported by both sides: queue names, the job payload and
+the job result. Payloads carry task *references* (ids, image URLs, prompts),
+never image bytes, so Redis stays small and a job can be retried anywhere.
+
+One RQ job is one *batch* of tasks: the worker hands the whole batch to the
+engine in one call. Interactive requests are batches of the tasks of one
+``/predict`` call and go to their own queue, which every worker polls first.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+#: Dotted path of the function RQ runs for a batch job (imported lazily by the worker).
+BATCH_FUNC = "worker.jobs.run_batch"
+
+
+class Priority(str, Enum):
+    interactive = "interactive"
+    bulk = "bulk"
+
+
+def queue_name(prefix: str, priority: Priority) -> str:
+    return f"{prefix}-{priority.value}"
+
+
+def queue_names(prefix: str) -> list[str]:
+    """Queues in the order workers serve them: interactive always first."""
+    return [queue_name(prefix, Priority.interactive), queue_name(prefix, Priority.bulk)]
+
+
+def redis_key(prefix: str, *parts: str | int) -> str:
+    """Every Redis key this project writes (besides RQ's own) is built here."""
+    return ":".join([prefix, *(str(p) for p in parts)])
+
+
+class LabelTarget(BaseModel):
+    """Where boxes go in the labeling config, and which labels they may carry."""
+
+    from_name: str
+    to_name: str
+    labels: list[str]
+    #: model label (lower-cased) -> config label, from ``predicted_values`` and the labels themselves.
+    aliases: dict[str, str] = Field(default_factory=dict)
+    #: per-region TextArea that shows the model's reasoning next to each box.
+    reasoning_from_name: str | None = None
+    #: key of the image in ``task.data``.
+    image_key: str = "image"
+
+    def resolve_label(self, model_label: str | None, fallback: str | None = None) -> str | None:
+        """Map a label the model wrote onto a config label; ``None`` when it matches none."""
+        if model_label:
+            key = model_label.strip().lower()
+            if key in self.aliases:
+                return self.aliases[key]
+        if fallback is not None:
+            return self.aliases.get(fallback.strip().lower(), fallback if fallback in self.labels else None)
+        if len(self.labels) == 1:
+            return self.labels[0]
+        return None
+
+
+class Query(BaseModel):
+    """One model call for one image: the full user text, and the label its boxes get."""
+
+    text: str
+    #: label assigned to every box of the answer (referring / per-label prompts); ``None`` = use the model's labels.
+    label: str | None = None
+    #: what the user typed, when the query comes from an interactive prompt.
+    expression: str | None = None
+
+
+class TaskJob(BaseModel):
+    task_id: int | None = None
+    #: stable reference for tasks outside Label Studio (file path, URL, manifest key).
+    ref: str | None = None
+    image: str
+    queries: list[Query]
+
+
+class BatchJob(BaseModel):
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    priority: Priority = Priority.bulk
+    project_id: int | None = None
+    model_version: str
+    target: LabelTarget
+    tasks: list[TaskJob]
+    #: bulk runs: the worker writes predictions to Label Studio itself.
+    write_to_label_studio: bool = False
+    #: bulk run this batch belongs to (progress counters), if any.
+    run_id: str | None = None
+    created_at: float = Field(default_factory=time.time)
+
+
+class BoxResult(BaseModel):
+    label: str
+    #: ``[x1, y1, x2, y2]`` on the 0..1000 grid of the upright image.
+    grid: list[float]
+    #: ``[x1, y1, x2, y2]`` in pixels of the upright image.
+    pixels: list[float]
+    score: float | None = None
+    #: what the model wrote as label.
+    model_label: str | None = None
+
+
+class TaskResult(BaseModel):
+    task_id: int | None = None
+    ref: str | None = None
+    status: Literal["ok", "failed"]
+    error: str | None = None
+    #: ``image`` / ``engine`` / ``parse`` / ``label_studio``: where a failure came from.
+    error_kind: str | None = None
+    reasoning: str = ""
+    boxes: list[BoxResult] = Field(default_factory=list)
+    parse_status: str | None = None
+    width: int | None = None
+    height: int | None = None
+    score: float | None = None
+    #: the Label Studio ``result`` list (rectanglelabels + reasoning textareas).
+    ls_result: list[dict] = Field(default_factory=list)
+    completions: list[str] = Field(default_factory=list)
+    cached: bool = False
+    gpu_seconds: float | None = None
+
+
+class BatchResult(BaseModel):
+    job_id: str
+    model_version: str
+    worker: str | None = None
+    results: list[TaskResult]
+    finished_at: float = Field(default_factory=time.time)

@@ -1,0 +1,78 @@
+"""The engine interface: a batch of (image, prompt) in, EGM completions out.
+
+Every engine (transformers, vLLM in-process, OpenAI-compatible server, scripted)
+implements :class:`Engine`. Engines are created once per worker process and
+stay loaded across jobs. Nothing outside ``worker/`` imports torch or vllm;
+the heavy imports happen inside each engine module.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+class EngineError(RuntimeError):
+    """The engine could not produce an output (for one request or the whole batch)."""
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Decoding settings; part of ``model_version``. temperature 0 = greedy, as EGM is evaluated."""
+
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 20
+    #: number of sampled answers per request (K > 1 enables disagreement-based uncertainty).
+    num_samples: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class EngineRequest:
+    image: Image.Image
+    prompt: str
+    request_id: str = ""
+
+
+@dataclass
+class EngineOutput:
+    text: str
+    #: generated tokens as text pieces (concatenated they give ``text``), when the engine exposes them.
+    tokens: list[str] | None = None
+    #: log-probability of each generated token (same length as ``tokens``).
+    logprobs: list[float] | None = None
+    prompt_tokens: int | None = None
+    #: the exception when this request alone failed; the batch goes on.
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A loaded model that turns a batch of requests into completions."""
+
+    name: str = "engine"
+
+    def __init__(self, decoding: DecodingConfig, max_pixels: int, min_pixels: int = 784) -> None:
+        self.decoding = decoding
+        self.max_pixels = max_pixels
+        self.min_pixels = min_pixels
+
+    @abc.abstractmethod
+    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+        """One output per request, in order. Per-request failures go into ``EngineOutput.error``;
+        raise :class:`EngineError` only when the whole batch failed."""
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this engine's outputs (model, decoding, image cap), for logs and status."""
+        return {"engine": self.name, "decoding": self.decoding.__dict__, "max_pixels": self.max_pixels}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release GPU memory / connections."""
