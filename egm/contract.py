@@ -94,6 +94,9 @@ class BatchJob(BaseModel):
     tasks: list[TaskJob]
     #: bulk runs: the worker writes predictions to Label Studio itself.
     write_to_label_studio: bool = False
+    #: interactive jobs: if /predict stops waiting, the worker writes the result to Label Studio.
+    #: Off for typed-prompt requests, whose answer only makes sense in the annotator's session.
+    deliver_late: bool = True
     #: bulk run this batch belongs to (progress counters), if any.
     run_id: str | None = None
     created_at: float = Field(default_factory=time.time)

@@ -1,0 +1,91 @@
+"""Structured logging: one JSON object per line, secrets redacted.
+
+Every log record passes through :class:`RedactingFilter`, which replaces any
+known secret (API keys, passwords from the settings) and anything that looks
+like a credential (``Authorization`` headers, ``token=`` query parameters,
+``user:pass@`` in URLs) before a handler formats it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+from config.settings import Settings
+
+_PATTERNS = [
+    (re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(token|bearer|basic)\s+[^\s\"',}]+"), r"\1\2 ***"),
+    (re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key|password|sig|signature)=)[^&\s\"']+"), r"\1***"),
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)([^/\s:@]+):([^/\s@]+)@"), r"\1\2:***@"),
+    (re.compile(r"(?i)(\"?(?:password|api_key|access_token|refresh|token)\"?\s*[:=]\s*\"?)[^\s\",}]{6,}"), r"\1***"),
+]
+
+_STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = list(secrets)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage(), self.secrets)
+        record.args = ()
+        for key, value in list(record.__dict__.items()):
+            if key not in _STANDARD_ATTRS and isinstance(value, str):
+                record.__dict__[key] = redact(value, self.secrets)
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.secrets)
+            record.exc_info = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                doc[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+        if record.exc_text:
+            doc["exc"] = record.exc_text
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(settings: Settings, stream=None) -> None:
+    """Install the redacting, structured handler on the root logger (idempotent)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_egm", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler._egm = True  # type: ignore[attr-defined]
+    handler.addFilter(RedactingFilter(settings.secret_values()))
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(settings.log_level.upper())
+    # RQ logs job descriptions with arguments; keep it at warning unless debugging.
+    logging.getLogger("rq.worker").setLevel(max(logging.INFO, root.level))
+    for noisy in ("httpx", "httpcore", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,102 @@
+"""The GPU worker process: an RQ worker that never forks and keeps the engine loaded.
+
+RQ's default worker forks a work-horse per job, which breaks CUDA and would
+reload the model every job. :class:`BatchWorker` runs jobs in-process and beats
+a short heartbeat from a side thread while a batch runs, so a worker that is
+SIGKILLed is noticed within ``3 * EGM_HEARTBEAT_S + 10`` seconds and its batch
+goes back to the queue (RQ retries abandoned jobs that have retries left).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import uuid
+
+from rq import SimpleWorker
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+
+from config.settings import Settings
+from egm.contract import Priority
+from egm.queue import QueueClient
+from worker import jobs
+from worker.cache import ResultCache
+from worker.delivery import LabelStudioWriter
+from worker.engines import Engine, create_engine
+from worker.pipeline import BatchProcessor
+
+log = logging.getLogger(__name__)
+
+
+class BatchWorker(SimpleWorker):
+    heartbeat_s: int = 5
+
+    def get_heartbeat_ttl(self, job: Job) -> int:
+        return self.heartbeat_s * 3 + 10
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, stop), name="egm-heartbeat", daemon=True)
+        beat.start()
+        try:
+            super().execute_job(job, queue)
+        finally:
+            stop.set()
+            beat.join(timeout=self.heartbeat_s + 1)
+
+    def _beat(self, job: Job, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            if getattr(self, "execution", None) is None:
+                continue
+            try:
+                self.maintain_heartbeats(job)
+            except Exception:  # a missed beat is harmless; the next one retries
+                log.warning("heartbeat failed", extra={"job_id": job.id}, exc_info=True)
+
+
+def make_label_studio_client(settings: Settings):
+    """A Label Studio client when credentials are configured, else None (files/URLs still work)."""
+    if settings.label_studio_api_key is None:
+        return None
+    from egm.labelstudio import LabelStudioClient
+
+    return LabelStudioClient.from_settings(settings)
+
+
+def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker_name: str) -> jobs.Runtime:
+    ls_client = make_label_studio_client(settings)
+    cache = ResultCache(queue.redis, settings.queue_prefix, settings.cache_ttl_s)
+    processor = BatchProcessor(engine, settings, cache=cache, ls_client=ls_client, worker_name=worker_name)
+    writer = LabelStudioWriter(ls_client, queue.redis, settings.queue_prefix)
+    from worker.progress import record_batch
+
+    return jobs.Runtime(processor=processor, queue=queue, writer=writer,
+                        on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
+
+
+def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
+               name: str | None = None, max_jobs: int | None = None,
+               priorities: list[Priority] | None = None) -> bool:
+    """Load the engine once, then serve the queues (interactive first) until stopped."""
+    queue = QueueClient(settings)
+    worker_name = name or f"egm-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    if engine is None:
+        log.info("loading engine", extra={"engine": settings.engine, "model": settings.model_path})
+        engine = create_engine(settings)
+    jobs.install(build_runtime(settings, engine, queue, worker_name))
+    order = priorities or [Priority.interactive, Priority.bulk]
+    BatchWorker.heartbeat_s = settings.heartbeat_s
+    worker = BatchWorker(
+        [queue.queues[p] for p in order], connection=queue.redis, name=worker_name,
+        serializer=JSONSerializer, default_result_ttl=settings.result_ttl_s,
+        maintenance_interval=max(5, settings.heartbeat_s * 3), job_monitoring_interval=settings.heartbeat_s,
+    )
+    log.info("worker ready", extra={"worker": worker_name, "queues": [q.name for q in worker.queues],
+                                    "engine": engine.name})
+    try:
+        return worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level.upper())
+    finally:
+        engine.close()

@@ -1,0 +1,68 @@
+"""An engine that answers with fixed EGM-format text: for tests, demos and pipeline benchmarks.
+
+It exercises everything around the model (queueing, parsing, conversion, Label
+Studio writes) with known boxes. The completion template may use ``{label}``
+(first label of a multi-category prompt or the referring expression),
+``{w}``/``{h}`` (image size the engine received) and a stable per-image box.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+
+from worker.engines.base import DecodingConfig, Engine, EngineOutput, EngineRequest
+
+DEFAULT_TEMPLATE = (
+    "The {label} is in the region the annotator asked about.\n</think>\n\n"
+    "```json\n[\n\t{{\"bbox_2d\": [{x1}, {y1}, {x2}, {y2}], \"label\": \"{label}\"}}\n]\n```"
+)
+
+_CATEGORIES = re.compile(r'categories:\s*"([^"]*)"')
+_REFERRING = re.compile(r"Locate (.+?)(?: amodally)?, output", re.S)
+
+
+def prompt_label(prompt: str) -> str:
+    m = _CATEGORIES.search(prompt)
+    if m:
+        return m.group(1).split(",")[0].strip() or "object"
+    m = _REFERRING.search(prompt)
+    return m.group(1).strip() if m else "object"
+
+
+def stable_box(image_bytes_digest: str) -> tuple[int, int, int, int]:
+    """A deterministic, valid box derived from the image content (so re-runs agree)."""
+    d = bytes.fromhex(image_bytes_digest)
+    x1, y1 = d[0] % 400, d[1] % 400
+    return x1, y1, x1 + 100 + d[2] % 400, y1 + 100 + d[3] % 400
+
+
+class ScriptedEngine(Engine):
+    name = "scripted"
+
+    def __init__(self, decoding: DecodingConfig | None = None, max_pixels: int = 1 << 30,
+                 template: str | None = None, delay_s: float = 0.0, fail_on: str | None = None) -> None:
+        super().__init__(decoding or DecodingConfig(), max_pixels)
+        self.template = template or DEFAULT_TEMPLATE
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.calls = 0
+        self.requests_seen = 0
+
+    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+        self.calls += 1
+        self.requests_seen += len(requests)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        outputs = []
+        for req in requests:
+            if self.fail_on and self.fail_on in req.prompt:
+                outputs.append(EngineOutput(text="", error=f"scripted failure for prompt containing {self.fail_on!r}"))
+                continue
+            digest = hashlib.sha256(req.image.tobytes()[:4096] + repr(req.image.size).encode()).hexdigest()
+            x1, y1, x2, y2 = stable_box(digest)
+            text = self.template.format(label=prompt_label(req.prompt), w=req.image.width, h=req.image.height,
+                                        x1=x1, y1=y1, x2=x2, y2=y2)
+            outputs.append(EngineOutput(text=text))
+        return outputs

@@ -1,0 +1,183 @@
+"""One batch job, start to finish: images -> cache/engine -> parse -> boxes -> Label Studio items.
+
+Failures stay with their task: a broken image, an engine error for one request
+or an unparseable answer fails that task with a reason and never the batch.
+Only an engine that fails as a whole raises (the job is then retried by RQ).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from config.settings import Settings
+from egm.confidence import box_scores, task_score
+from egm.contract import BatchJob, BatchResult, BoxResult, LabelTarget, Query, TaskJob, TaskResult
+from egm.geometry import grid_to_pixels
+from egm.ls_results import build_result
+from egm.parsing import ParsedCompletion, ParseStatus, parse_completion
+from worker.cache import CachedOutput, ResultCache
+from worker.engines.base import Engine, EngineRequest
+from worker.images import ImageLoadError, LoadedImage, fetch_many
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QueryOutcome:
+    query: Query
+    text: str | None = None
+    scores: list[float | None] = field(default_factory=list)
+    error: str | None = None
+    cached: bool = False
+
+
+@dataclass
+class BatchStats:
+    tasks: int = 0
+    failed: int = 0
+    cached_queries: int = 0
+    engine_queries: int = 0
+    parse_failures: int = 0
+    gpu_seconds: float = 0.0
+    image_seconds: float = 0.0
+
+
+class BatchProcessor:
+    """Holds the resident engine and runs batch jobs through it."""
+
+    def __init__(self, engine: Engine, settings: Settings, cache: ResultCache | None = None,
+                 ls_client=None, worker_name: str | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.cache = cache
+        self.ls_client = ls_client
+        self.worker_name = worker_name
+        self.last_stats = BatchStats()
+
+    # -- public -------------------------------------------------------------
+    def process(self, job: BatchJob) -> BatchResult:
+        stats = BatchStats(tasks=len(job.tasks))
+        t0 = time.perf_counter()
+        images = fetch_many([t.image for t in job.tasks], settings=self.settings, ls_client=self.ls_client)
+        stats.image_seconds = time.perf_counter() - t0
+
+        outcomes = self._run_queries(job, images, stats)
+        results = [
+            self._task_result(task, image, outcomes.get(i, []), job.target, stats)
+            for i, (task, image) in enumerate(zip(job.tasks, images))
+        ]
+        stats.failed = sum(r.status == "failed" for r in results)
+        self.last_stats = stats
+        return BatchResult(job_id=job.job_id, model_version=job.model_version, worker=self.worker_name,
+                           results=results)
+
+    # -- queries: cache first, then one engine call for all misses -------------
+    def _run_queries(self, job: BatchJob, images: list, stats: BatchStats) -> dict[int, list[QueryOutcome]]:
+        outcomes: dict[int, list[QueryOutcome]] = {}
+        pending: list[tuple[int, int, str]] = []  # (task index, query index, cache key)
+        for i, (task, image) in enumerate(zip(job.tasks, images)):
+            if isinstance(image, ImageLoadError):
+                continue
+            outcomes[i] = [QueryOutcome(query=q) for q in task.queries]
+            for j, q in enumerate(task.queries):
+                key = self.cache.key(image.sha256, q.text, job.model_version) if self.cache else ""
+                pending.append((i, j, key))
+
+        cached = self.cache.get_many([k for _, _, k in pending]) if self.cache else [None] * len(pending)
+        misses = []
+        for (i, j, key), hit in zip(pending, cached):
+            if hit is not None:
+                o = outcomes[i][j]
+                o.text, o.scores, o.cached = hit.text, hit.box_scores, True
+                stats.cached_queries += 1
+            else:
+                misses.append((i, j, key))
+
+        to_store: dict[str, CachedOutput] = {}
+        for chunk_start in range(0, len(misses), max(1, self.settings.batch_size)):
+            chunk = misses[chunk_start:chunk_start + max(1, self.settings.batch_size)]
+            requests = [EngineRequest(image=images[i].image, prompt=outcomes[i][j].query.text,
+                                      request_id=f"{job.job_id}:{i}:{j}") for i, j, _ in chunk]
+            t0 = time.perf_counter()
+            outputs = self.engine.generate(requests)
+            stats.gpu_seconds += time.perf_counter() - t0
+            stats.engine_queries += len(requests)
+            for (i, j, key), out in zip(chunk, outputs):
+                o = outcomes[i][j]
+                if out.error:
+                    o.error = out.error
+                    continue
+                o.text = out.text
+                o.scores = box_scores(parse_completion(out.text), out.tokens, out.logprobs)
+                if key:
+                    to_store[key] = CachedOutput(text=o.text, box_scores=o.scores)
+        if self.cache:
+            self.cache.put_many(to_store)
+        return outcomes
+
+    # -- one task's result ---------------------------------------------------------
+    def _task_result(self, task: TaskJob, image: LoadedImage | ImageLoadError, outcomes: list[QueryOutcome],
+                     target: LabelTarget, stats: BatchStats) -> TaskResult:
+        base = {"task_id": task.task_id, "ref": task.ref}
+        if isinstance(image, ImageLoadError):
+            return TaskResult(**base, status="failed", error=str(image), error_kind=f"image:{image.kind}")
+        if not outcomes:
+            return TaskResult(**base, status="failed", error="task has no queries", error_kind="request",
+                              width=image.width, height=image.height)
+        errors = [o.error for o in outcomes if o.error]
+        if len(errors) == len(outcomes):
+            return TaskResult(**base, status="failed", error=f"engine: {errors[0]}", error_kind="engine",
+                              width=image.width, height=image.height)
+
+        boxes: list[BoxResult] = []
+        reasonings: list[str] = []
+        statuses: list[ParseStatus] = []
+        for o in outcomes:
+            if o.text is None:
+                continue
+            parsed = parse_completion(o.text)
+            statuses.append(parsed.status)
+            boxes.extend(self._boxes(parsed, o, target, image))
+            if parsed.reasoning:
+                reasonings.append(parsed.reasoning if len(outcomes) == 1 or not o.query.label
+                                  else f"{o.query.label}: {parsed.reasoning}")
+        completions = [o.text for o in outcomes if o.text is not None]
+        if statuses and all(s == ParseStatus.unparseable for s in statuses):
+            stats.parse_failures += 1
+            return TaskResult(**base, status="failed", error="model output has no box that could be parsed",
+                              error_kind="parse", parse_status=ParseStatus.unparseable.value,
+                              completions=completions, width=image.width, height=image.height)
+        reasoning = "\n".join(reasonings)
+        worst = _worst_status(statuses)
+        return TaskResult(
+            **base, status="ok", reasoning=reasoning, boxes=boxes, parse_status=worst.value,
+            width=image.width, height=image.height, score=task_score([b.score for b in boxes]),
+            ls_result=build_result(boxes, target, image.width, image.height, reasoning),
+            completions=completions, cached=all(o.cached for o in outcomes),
+        )
+
+    def _boxes(self, parsed: ParsedCompletion, outcome: QueryOutcome, target: LabelTarget,
+               image: LoadedImage) -> list[BoxResult]:
+        out = []
+        for k, pb in enumerate(parsed.boxes):
+            label = outcome.query.label or target.resolve_label(pb.label, fallback=outcome.query.expression)
+            if label is None and outcome.query.expression:
+                label = target.labels[0]  # typed prompt, config label not named: first label of the config
+            if label is None:
+                log.info("dropping box with label not in config", extra={"model_label": pb.label})
+                continue
+            score = outcome.scores[k] if k < len(outcome.scores) else None
+            out.append(BoxResult(
+                label=label, grid=pb.box.to_list(), model_label=pb.label, score=score,
+                pixels=grid_to_pixels(pb.box, image.width, image.height).to_list(2),
+            ))
+        return out
+
+
+_SEVERITY = [ParseStatus.ok, ParseStatus.no_boxes, ParseStatus.repaired, ParseStatus.unparseable]
+
+
+def _worst_status(statuses: list[ParseStatus]) -> ParseStatus:
+    return max(statuses, key=_SEVERITY.index) if statuses else ParseStatus.unparseable
