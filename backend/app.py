@@ -1,0 +1,119 @@
+"""The Label Studio ML backend: FastAPI app with the routes Label Studio calls.
+
+Routes and payloads follow Label Studio's ML backend protocol (REFERENCE.md 4):
+``GET /health`` and ``GET /``, ``POST /setup``, ``POST /predict``, ``POST /webhook``,
+``GET /metrics``. Every route but the health checks sits behind optional basic auth.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import anyio
+import redis
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from backend.auth import require_auth
+from backend.labeling import LabelingConfigError, parse_labeling_config
+from backend.metrics import MetricsCollector
+from backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
+                            SetupResponse, WebhookEvent)
+from backend.predictor import BadPredictRequest, Predictor
+from backend.webhook import WebhookHandler
+from config.settings import Settings, get_settings
+from egm.logs import configure_logging, redact
+from egm.prompts import PromptError
+from egm.queue import QueueClient
+from egm.versioning import model_version
+
+log = logging.getLogger(__name__)
+
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+          422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+
+
+def create_app(settings: Settings | None = None, queue: QueueClient | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings)
+    version = model_version(settings)
+    queue = queue or QueueClient(settings)
+    predictor = Predictor(settings, queue, version)
+    webhooks = WebhookHandler(settings, queue.redis)
+    metrics = MetricsCollector(settings, queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # /predict blocks a thread while it waits for workers; allow many concurrent waits.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+        log.info("backend ready", extra={"model_version": version, "redis": redact(settings.redis_url)})
+        yield
+
+    app = FastAPI(title="egm-assist ML backend", version="0.1.0", lifespan=lifespan,
+                  description="Label Studio ML backend that pre-annotates images with EGM through Redis/RQ workers.")
+    app.state.settings, app.state.queue, app.state.model_version = settings, queue, version
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
+            return JSONResponse({"detail": f"request body over {settings.max_request_bytes} bytes"}, 413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse({"detail": f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}"}, 422)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, exc: redis.RedisError):
+        log.error("redis unavailable", extra={"error": type(exc).__name__})
+        return JSONResponse({"detail": "queue unavailable (Redis); retry shortly"}, 503)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see backend logs"}, 500)
+
+    @app.get("/", response_model=HealthResponse, include_in_schema=False)
+    @app.get("/health", response_model=HealthResponse)
+    def health() -> HealthResponse:
+        return HealthResponse(model_version=version)
+
+    @app.post("/setup", response_model=SetupResponse, responses=ERRORS, dependencies=[Depends(require_auth)])
+    def setup(req: SetupRequest) -> SetupResponse:
+        if req.schema_:
+            try:
+                parse_labeling_config(req.schema_)
+            except LabelingConfigError as exc:
+                return JSONResponse({"detail": str(exc)}, 422)
+        return SetupResponse(model_version=version)
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, dependencies=[Depends(require_auth)])
+    def predict(req: PredictRequest) -> PredictResponse:
+        try:
+            return predictor.predict(req)
+        except (BadPredictRequest, LabelingConfigError, PromptError) as exc:
+            return JSONResponse({"detail": str(exc)}, 422)
+
+    @app.post("/webhook", status_code=201, responses=ERRORS, dependencies=[Depends(require_auth)])
+    def webhook(event: WebhookEvent) -> dict:
+        return webhooks.handle(event)
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_auth)])
+    def prometheus() -> PlainTextResponse:
+        body, content_type = metrics.render()
+        return PlainTextResponse(body, media_type=content_type)
+
+    return app
+
+
+def serve(settings: Settings | None = None) -> None:
+    import uvicorn
+
+    settings = settings or get_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=False, timeout_keep_alive=75)

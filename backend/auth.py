@@ -1,0 +1,26 @@
+"""Optional HTTP basic auth on every route but the health checks."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+
+from config.settings import Settings, get_settings
+
+_basic = HTTPBasic(auto_error=False)
+
+
+def require_auth(credentials: HTTPBasicCredentials | None = Depends(_basic),
+                 settings: Settings = Depends(get_settings)) -> None:
+    if not settings.basic_auth_user:
+        return
+    expected_pass = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""
+    ok = credentials is not None and (
+        secrets.compare_digest(credentials.username.encode(), settings.basic_auth_user.encode())
+        & secrets.compare_digest(credentials.password.encode(), expected_pass.encode())
+    )
+    if not ok:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong basic-auth credentials",
+                            headers={"WWW-Authenticate": 'Basic realm="egm-assist"'})

@@ -1,0 +1,123 @@
+"""/predict: turn Label Studio tasks into batch jobs, wait within the budget, answer in order."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from backend.labeling import LabelingConfig, extract_prompt, parse_labeling_config
+from backend.models import PredictRequest, PredictResponse, Prediction
+from config.settings import Settings
+from egm.contract import BatchJob, Priority, TaskJob, TaskResult
+from egm.prompts import load_templates
+from egm.queries import TaskDataError, build_queries, image_of, task_job
+from egm.queue import QueueClient
+
+log = logging.getLogger(__name__)
+
+
+class BadPredictRequest(ValueError):
+    """The request cannot be served (bad config, task data or prompt): a 4xx."""
+
+
+def project_id_of(project: str | int | None) -> int | None:
+    """Label Studio sends ``"<id>.<created timestamp>"``."""
+    if project is None or project == "":
+        return None
+    try:
+        return int(str(project).split(".", 1)[0])
+    except ValueError as exc:
+        raise BadPredictRequest(f"project must look like '<id>.<timestamp>', got {str(project)[:40]!r}") from exc
+
+
+@dataclass
+class PlannedJobs:
+    jobs: list[BatchJob]
+    #: for each task position: (job index, task index in job); None when the task was rejected up front.
+    slots: list[tuple[int, int] | None]
+    rejected: dict[int, str]
+
+
+class Predictor:
+    def __init__(self, settings: Settings, queue: QueueClient, model_version: str) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.model_version = model_version
+
+    def plan(self, req: PredictRequest) -> PlannedJobs:
+        if not req.label_config:
+            raise BadPredictRequest("label_config is required: connect this backend to a project with an "
+                                    "Image + RectangleLabels labeling config")
+        config: LabelingConfig = parse_labeling_config(req.label_config)
+        expression = extract_prompt(req.params.context, config.prompt_from_name)
+        if expression is not None and len(expression) > self.settings.max_prompt_chars:
+            raise BadPredictRequest(f"prompt is {len(expression)} characters; the limit is "
+                                    f"{self.settings.max_prompt_chars} (EGM_MAX_PROMPT_CHARS)")
+        queries = build_queries(config.target, load_templates(self.settings), self.settings.prompt_mode, expression)
+        project_id = project_id_of(req.project)
+
+        task_jobs: list[TaskJob] = []
+        slots: list[tuple[int, int] | None] = []
+        rejected: dict[int, str] = {}
+        for pos, task in enumerate(req.tasks):
+            try:
+                tj = task_job(task.id, image_of(task.data, config.image_value_key), queries)
+            except TaskDataError as exc:
+                rejected[pos] = str(exc)
+                slots.append(None)
+                continue
+            slots.append((len(task_jobs) // self.settings.batch_size, len(task_jobs) % self.settings.batch_size))
+            task_jobs.append(tj)
+
+        # A whole-project "retrieve predictions" must not clog the interactive queue.
+        priority = Priority.interactive if len(task_jobs) <= self.settings.batch_size else Priority.bulk
+        size = self.settings.batch_size
+        jobs = [BatchJob(priority=priority, project_id=project_id, model_version=self.model_version,
+                         target=config.target, tasks=task_jobs[i:i + size], deliver_late=expression is None)
+                for i in range(0, len(task_jobs), size)]
+        return PlannedJobs(jobs=jobs, slots=slots, rejected=rejected)
+
+    def predict(self, req: PredictRequest) -> PredictResponse:
+        started = time.time()
+        plan = self.plan(req)
+        if plan.jobs:
+            self.queue.enqueue_many(plan.jobs)
+        results = self._collect(plan.jobs, deadline=started + self.settings.predict_budget_s)
+        out: list[Prediction | list] = []
+        for pos, slot in enumerate(plan.slots):
+            if slot is None:
+                log.warning("task rejected", extra={"task_id": req.tasks[pos].id, "reason": plan.rejected[pos]})
+                out.append([])
+                continue
+            job_idx, task_idx = slot
+            batch = results.get(plan.jobs[job_idx].job_id)
+            out.append(self._prediction(batch[task_idx]) if batch is not None else [])
+        late = [j.job_id for j in plan.jobs if j.job_id not in results]
+        log.info("predict answered", extra={"tasks": len(req.tasks), "jobs": len(plan.jobs), "late_jobs": len(late),
+                                            "seconds": round(time.time() - started, 3)})
+        return PredictResponse(results=out)
+
+    def _collect(self, jobs: list[BatchJob], deadline: float) -> dict[str, list[TaskResult]]:
+        """Wait for the jobs until the deadline; hand the rest off to the workers."""
+        results: dict[str, list[TaskResult]] = {}
+        waiting = {j.job_id for j in jobs}
+        while waiting:
+            finished = self.queue.wait_any(sorted(waiting), deadline)
+            if finished is None:
+                break
+            waiting.discard(finished)
+            batch = self.queue.claim_for_response(finished)
+            if batch is not None:
+                results[finished] = batch.results
+        for job_id in waiting:
+            batch = self.queue.hand_off(job_id)
+            if batch is not None:
+                results[job_id] = batch.results
+        return results
+
+    def _prediction(self, r: TaskResult) -> Prediction | list:
+        if r.status != "ok":
+            log.warning("task failed", extra={"task_id": r.task_id, "error": r.error, "kind": r.error_kind})
+            return []
+        return Prediction(result=r.ls_result, score=r.score, model_version=self.model_version)
