@@ -1,0 +1,1 @@
+"""Subcommands of ``egm-assist``; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,20 @@
+"""``egm-assist build-tiny-model``: a tiny random-weight Qwen3-VL checkpoint, built locally (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build-tiny-model", help="build a tiny random Qwen3-VL checkpoint for tests and demos")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from worker.tiny_model import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(args.out, seed=args.seed)
+    print(f"tiny checkpoint written to {path} (random weights: boxes are meaningless)")
+    return 0
