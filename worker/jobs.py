@@ -47,8 +47,14 @@ def run_batch(payload: dict) -> dict:
     stats = rt.processor.last_stats
     rt.queue.store_result(result)
     written = 0
-    if job.write_to_label_studio or (job.deliver_late and rt.queue.worker_must_deliver(job.job_id)):
+    if job.write_to_label_studio:
         written = len(rt.writer.write(job.project_id, result.results, job.model_version).written)
+    elif job.deliver_late and rt.queue.worker_must_deliver(job.job_id):
+        if rt.writer.client is None:
+            log.warning("late result kept in Redis only: no Label Studio credentials configured",
+                        extra={"job_id": job.job_id})
+        else:
+            written = len(rt.writer.write(job.project_id, result.results, job.model_version).written)
     if callable(rt.on_batch_done):
         rt.on_batch_done(job, result, stats)
     ok = sum(r.status == "ok" for r in result.results)
