@@ -49,13 +49,13 @@ class QueueClient:
     # -- producer -----------------------------------------------------------------
     def _job_kwargs(self, job: BatchJob) -> dict:
         retry = Retry(max=self.settings.job_retries) if self.settings.job_retries > 0 else None
-        return dict(job_id=job.job_id, job_timeout=self.settings.job_timeout_s, result_ttl=self.settings.result_ttl_s,
+        return dict(job_id=job.job_id, timeout=self.settings.job_timeout_s, result_ttl=self.settings.result_ttl_s,
                     failure_ttl=self.settings.failure_ttl_s, retry=retry,
                     description=f"egm batch {job.job_id} ({len(job.tasks)} tasks, {job.priority.value})")
 
     def enqueue(self, job: BatchJob) -> Job:
         queue = self.queues[job.priority]
-        return queue.enqueue(BATCH_FUNC, job.model_dump(mode="json"), **self._job_kwargs(job))
+        return queue.enqueue_call(BATCH_FUNC, args=(job.model_dump(mode="json"),), **self._job_kwargs(job))
 
     def enqueue_many(self, jobs: list[BatchJob]) -> list[Job]:
         """One round trip per queue for many jobs."""
