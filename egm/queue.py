@@ -27,6 +27,7 @@ from config.settings import Settings
 from egm.contract import BATCH_FUNC, BatchJob, BatchResult, Priority, queue_name, redis_key
 
 HANDOFF_TTL_S = 24 * 3600
+BLOCK_SLICE_S = 2.0
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -73,14 +74,16 @@ class QueueClient:
     # -- waiting for results -------------------------------------------------------------
     def wait_any(self, job_ids: list[str], deadline: float) -> str | None:
         """Block until one of the jobs finishes or the deadline passes; returns its id."""
-        remaining = deadline - time.time()
-        if remaining <= 0 or not job_ids:
-            return None
         keys = [self.key("done", j) for j in job_ids]
-        popped = self.redis.blpop(keys, timeout=max(0.01, remaining))
-        if popped is None:
-            return None
-        return popped[0].decode().rsplit(":", 1)[-1]
+        while job_ids:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return None
+            # Short slices stay under the client's socket timeout (5 s by default in redis-py).
+            popped = self.redis.blpop(keys, timeout=max(0.01, min(remaining, BLOCK_SLICE_S)))
+            if popped is not None:
+                return popped[0].decode().rsplit(":", 1)[-1]
+        return None
 
     def result(self, job_id: str) -> BatchResult | None:
         raw = self.redis.get(self.key("result", job_id))
