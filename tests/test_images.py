@@ -355,6 +355,13 @@ def test_label_studio_client_errors_never_echo_the_token():
     assert info.value.kind == "fetch" and "401" in str(info.value) and "Sup3rSecretTok" not in str(info.value)
 
 
+def test_label_studio_client_byte_cap_error_is_too_large():
+    client = RecordingDownloader(error=RuntimeError("GET /data/upload/1/a.jpg: file is over the 500-byte limit"))
+    with pytest.raises(ImageLoadError) as info:
+        load_image("/data/upload/1/a.jpg", settings=settings(max_image_bytes=500), ls_client=client)
+    assert info.value.kind == "too_large" and "500-byte limit" in str(info.value)
+
+
 def test_label_studio_oversized_download_is_too_large():
     client = RecordingDownloader(f.make_noise_jpeg(64, 64))
     with pytest.raises(ImageLoadError) as info:
@@ -496,3 +503,18 @@ def test_image_load_error_pickles():
 
     error = pickle.loads(pickle.dumps(ImageLoadError("bad thing", "decode")))
     assert (error.kind, str(error)) == ("decode", "bad thing")
+
+
+def test_real_label_studio_client_downloads_media(server):
+    """egm.labelstudio.LabelStudioClient satisfies the downloader protocol; the test server plays
+    Label Studio's media route."""
+    from egm.labelstudio import LabelStudioClient
+
+    server.routes["/data/upload/1/a.png"] = Route(200, PNG)
+    ls = server.url("")
+    client = LabelStudioClient(ls, "legacy-token-for-tests", retries=0)
+    loaded = load_image("/data/upload/1/a.png", settings=settings(label_studio_url=ls), ls_client=client)
+    assert (loaded.width, loaded.height) == (8, 6)
+    with pytest.raises(ImageLoadError) as info:
+        load_image("/data/upload/1/gone.png", settings=settings(label_studio_url=ls), ls_client=client)
+    assert info.value.kind == "fetch" and "404" in str(info.value) and "legacy-token-for-tests" not in str(info.value)

@@ -84,7 +84,9 @@ def read_label_studio(url: str, *, settings, ls_client: MediaDownloader | None) 
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the client raises fails this image only
         detail = _redact_secrets(f"{type(exc).__name__}: {exc}", settings)
-        raise ImageLoadError(f"Label Studio download of {redact_url(url)} failed: {detail}", "fetch") from None
+        # The client reports its own byte cap in words ("over the N-byte limit"); anything else is a fetch error.
+        kind = "too_large" if "byte limit" in str(exc) else "fetch"
+        raise ImageLoadError(f"Label Studio download of {redact_url(url)} failed: {detail}", kind) from None
     if not isinstance(data, (bytes, bytearray)):
         raise ImageLoadError(f"Label Studio download of {redact_url(url)} returned no bytes", "fetch")
     if len(data) > settings.max_image_bytes:
