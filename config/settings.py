@@ -144,6 +144,8 @@ class Settings(BaseSettings):
                                            description="vLLM: GPUs per model replica.")
     scripted_response: str | None = Field(None, validation_alias=_env("EGM_SCRIPTED_RESPONSE"),
                                           description="scripted engine: completion to return ({label} is filled in).")
+    scripted_delay_s: float = Field(0.0, validation_alias=_env("EGM_SCRIPTED_DELAY_S"),
+                                    description="scripted engine: seconds each engine call takes (simulated GPU time).")
 
     # --- Prompts and labels --------------------------------------------------
     prompt_mode: Literal["multi", "per_label"] = Field(

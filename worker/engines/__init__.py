@@ -40,5 +40,5 @@ def create_engine(settings: Settings, kind: str | None = None) -> Engine:
     if kind == "scripted":
         from worker.engines.scripted import ScriptedEngine
 
-        return ScriptedEngine(decoding, template=settings.scripted_response)
+        return ScriptedEngine(decoding, template=settings.scripted_response, delay_s=settings.scripted_delay_s)
     raise ValueError(f"unknown engine {kind!r}; choose hf, vllm, openai or scripted")

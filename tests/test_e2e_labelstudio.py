@@ -1,0 +1,137 @@
+"""End to end with a real Label Studio 1.23: connect the backend, retrieve predictions, interactive prompts.
+
+Label Studio -> our backend (subprocess) -> Redis -> worker (subprocess) -> back to Label Studio.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from egm import processes
+from tests.stack import SAMPLES, sample_images
+
+pytestmark = pytest.mark.labelstudio
+
+CONFIG = (Path(__file__).resolve().parent.parent / "config" / "labeling" / "boxes_reasoning.xml").read_text()
+
+
+def _labels(config: str) -> set[str]:
+    from backend.labeling import parse_labeling_config
+
+    return set(parse_labeling_config(config).target.labels)
+
+
+class Stack:
+    """Backend + worker processes wired to one Label Studio and one Redis."""
+
+    def __init__(self, label_studio, redis_url: str, tmp: Path, **env: str) -> None:
+        self.port = processes.free_port()
+        self.env = {"REDIS_URL": redis_url, "EGM_QUEUE_PREFIX": f"e2e{self.port}", "EGM_PORT": str(self.port),
+                    "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+                    "EGM_ENGINE": "scripted", "EGM_HEARTBEAT_S": "1", "EGM_LOCAL_FILES_ROOT": str(SAMPLES), **env}
+        self.tmp = tmp
+        self.procs = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, workers: int = 1) -> "Stack":
+        backend = processes.spawn(["serve"], self.env, self.tmp / "backend.log")
+        self.procs.append(backend)
+        for i in range(workers):
+            self.procs.append(processes.spawn(["worker", "--name", f"w{i}-{self.port}"], self.env,
+                                              self.tmp / f"worker{i}.log"))
+        processes.wait_http(self.url + "/health", 60, backend)
+        return self
+
+    def stop(self) -> None:
+        for p in self.procs:
+            processes.stop(p)
+
+    def model_version(self) -> str:
+        return httpx.get(self.url + "/health").json()["model_version"]
+
+
+@pytest.fixture()
+def stack(label_studio, redis_url, tmp_path):
+    s = Stack(label_studio, redis_url, tmp_path).start()
+    yield s
+    s.stop()
+
+
+def _wait_for_predictions(label_studio, project_id: int, n: int, timeout_s: float = 60) -> list[dict]:
+    deadline = time.time() + timeout_s
+    preds = []
+    while time.time() < deadline:
+        preds = label_studio.list_predictions(project_id)
+        if len(preds) >= n:
+            return preds
+        time.sleep(0.3)
+    return preds
+
+
+def test_retrieve_predictions_gives_one_prediction_per_task(label_studio, stack):
+    project = label_studio.create_project(CONFIG)
+    task_ids = [label_studio.upload_image(project, p)[0] for p in sample_images()]
+    label_studio.connect_ml_backend(project, stack.url)
+    label_studio._call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+                       json={"selectedItems": {"all": True, "excluded": []}})
+    preds = _wait_for_predictions(label_studio, project, len(task_ids))
+    assert sorted(p["task"] for p in preds) == sorted(task_ids)  # exactly one per task
+    version = stack.model_version()
+    labels = _labels(CONFIG)
+    for p in preds:
+        assert p["model_version"] == version
+        rects = [r for r in p["result"] if r["type"] == "rectanglelabels"]
+        assert rects
+        for r in rects:
+            v = r["value"]
+            assert set(v["rectanglelabels"]) <= labels
+            assert 0 <= v["x"] <= 100 and 0 <= v["y"] <= 100
+            assert v["x"] + v["width"] <= 100 + 1e-6 and v["y"] + v["height"] <= 100 + 1e-6
+        reasoning = [r for r in p["result"] if r["type"] == "textarea"]
+        assert {r["id"] for r in reasoning} == {r["id"] for r in rects}
+    # asking again computes nothing new: Label Studio skips tasks that have this model_version
+    label_studio._call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+                       json={"selectedItems": {"all": True, "excluded": []}})
+    time.sleep(1.0)
+    assert len(label_studio.list_predictions(project)) == len(task_ids)
+
+
+def test_interactive_prompt_returns_boxes(label_studio, stack):
+    project = label_studio.create_project(CONFIG)
+    task_id, _ = label_studio.upload_image(project, sample_images()[0])
+    ml = label_studio.connect_ml_backend(project, stack.url, is_interactive=True)
+    context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
+                           "value": {"text": ["the red circle"]}}]}
+    body = label_studio._call("POST", f"/api/ml/{ml}/interactive-annotating",
+                              json={"task": task_id, "context": context})
+    result = body["data"]["result"]
+    rects = [r for r in result if r["type"] == "rectanglelabels"]
+    assert len(rects) == 1 and rects[0]["value"]["rectanglelabels"][0] in _labels(CONFIG)
+    assert any("the red circle" in r["value"]["text"][0] for r in result if r["type"] == "textarea")
+
+
+def test_late_results_are_written_by_the_worker_without_duplicates(label_studio, redis_url, tmp_path):
+    """A budget shorter than the work: /predict answers empty, the worker writes the predictions itself."""
+    s = Stack(label_studio, redis_url, tmp_path, EGM_PREDICT_BUDGET_S="0.05",
+              EGM_SCRIPTED_DELAY_S="0.5").start()
+    try:
+        project = label_studio.create_project(CONFIG)
+        task_ids = [label_studio.upload_image(project, p)[0] for p in sample_images()[:2]]
+        label_studio.connect_ml_backend(project, s.url)
+        label_studio._call("POST", "/api/dm/actions",
+                           params={"id": "retrieve_tasks_predictions", "project": project},
+                           json={"selectedItems": {"all": True, "excluded": []}})
+        preds = _wait_for_predictions(label_studio, project, len(task_ids))
+        time.sleep(1.0)
+        preds = label_studio.list_predictions(project)
+        assert sorted(p["task"] for p in preds) == sorted(task_ids)
+        assert {p["model_version"] for p in preds} == {s.model_version()}
+    finally:
+        s.stop()
