@@ -26,6 +26,8 @@ DONE_TTL_S = 90 * 24 * 3600
 class WriteReport:
     written: list[int] = field(default_factory=list)
     already: list[int] = field(default_factory=list)
+    #: task id -> why Label Studio refused that prediction (e.g. the task was deleted).
+    refused: dict[int, str] = field(default_factory=dict)
 
 
 class LabelStudioWriter:
@@ -54,20 +56,27 @@ class LabelStudioWriter:
                  for r in mine]
         try:
             if project_id is not None:
-                self.client.create_predictions(project_id, items)
+                outcome = self.client.create_predictions(project_id, items)
+                report.refused = {items[f.index]["task"]: f.error for f in outcome.failed}
             else:
                 for item in items:
                     self.client.create_prediction(item["task"], item["result"], item["score"], model_version)
         except Exception:
+            # Label Studio unreachable or failing: release the claims so the retried job writes them.
             self.redis.delete(*[self._claim_key(model_version, r.task_id) for r in mine])
             raise
         with self.redis.pipeline(transaction=False) as pipe:
             for r in mine:
-                pipe.set(self._claim_key(model_version, r.task_id), "done", ex=DONE_TTL_S)
+                key = self._claim_key(model_version, r.task_id)
+                if r.task_id in report.refused:
+                    pipe.delete(key)
+                else:
+                    pipe.set(key, "done", ex=DONE_TTL_S)
+                    report.written.append(r.task_id)
             pipe.execute()
-        report.written.extend(r.task_id for r in mine)
         log.info("wrote predictions to Label Studio",
-                 extra={"project": project_id, "count": len(mine), "model_version": model_version})
+                 extra={"project": project_id, "count": len(report.written), "refused": len(report.refused),
+                        "model_version": model_version})
         return report
 
     def _claim(self, model_version: str, task_id: int, report: WriteReport) -> bool:
@@ -91,4 +100,4 @@ class LabelStudioWriter:
         return True
 
     def _has_prediction(self, task_id: int, model_version: str) -> bool:
-        return any(p.get("model_version") == model_version for p in self.client.list_predictions(task_id=task_id))
+        return any(p.model_version == model_version for p in self.client.list_predictions(task_id=task_id))

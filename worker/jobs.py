@@ -48,13 +48,13 @@ def run_batch(payload: dict) -> dict:
     rt.queue.store_result(result)
     written = 0
     if job.write_to_label_studio:
-        written = len(rt.writer.write(job.project_id, result.results, job.model_version).written)
+        written = _write(rt, job, result)
     elif job.deliver_late and rt.queue.worker_must_deliver(job.job_id):
         if rt.writer.client is None:
             log.warning("late result kept in Redis only: no Label Studio credentials configured",
                         extra={"job_id": job.job_id})
         else:
-            written = len(rt.writer.write(job.project_id, result.results, job.model_version).written)
+            written = _write(rt, job, result)
     if callable(rt.on_batch_done):
         rt.on_batch_done(job, result, stats)
     ok = sum(r.status == "ok" for r in result.results)
@@ -63,3 +63,15 @@ def run_batch(payload: dict) -> dict:
                                   "cached_queries": stats.cached_queries, "engine_queries": stats.engine_queries,
                                   "gpu_s": round(stats.gpu_seconds, 4)})
     return {"job_id": job.job_id, "ok": ok, "failed": len(job.tasks) - ok, "written": written}
+
+
+def _write(rt: Runtime, job: BatchJob, result) -> int:
+    """Write the batch's predictions; a prediction Label Studio refuses fails that task only."""
+    report = rt.writer.write(job.project_id, result.results, job.model_version)
+    for r in result.results:
+        if r.task_id in report.refused:
+            r.status, r.error_kind = "failed", "label_studio"
+            r.error = f"Label Studio refused the prediction: {report.refused[r.task_id]}"
+    if report.refused:
+        rt.queue.store_result(result)
+    return len(report.written)
