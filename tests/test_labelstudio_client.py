@@ -191,6 +191,20 @@ def test_personal_access_token(label_studio, project):
         assert c.sdk.projects.get(id=project["id"]).id == project["id"]
 
 
+def test_personal_access_token_renews_its_access_token(label_studio, project):
+    with label_studio.client(label_studio.personal_access_token()) as c:
+        auth = c._auth
+        c.get_project(project["id"])
+        first = auth._access
+        auth._access_exp = 0.0  # as if the 5-minute access token had run out
+        c.get_project(project["id"])
+        assert auth._access and auth._access != first
+        # An access token Label Studio no longer accepts: one 401, a refresh, and the call goes through.
+        auth._access, auth._access_exp = fake_jwt({"token_type": "access", "exp": 9_999_999_999}), float("inf")
+        assert c.download(project["upload_url"]) == project["png"]
+        assert auth._access.count(".") == 2 and auth._access_exp < float("inf")
+
+
 def test_key_kind_detection():
     assert key_kind("0123456789abcdef0123456789abcdef01234567") is KeyKind.legacy
     assert key_kind(fake_jwt({"token_type": "refresh", "exp": 9_999_999_999})) is KeyKind.refresh
