@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import hashlib
 import os
 import socket
@@ -20,7 +22,7 @@ LS_URL = "http://ls.test:8080"
 
 def settings(**overrides) -> Settings:
     values = {"label_studio_url": LS_URL, "allowed_hosts": "", "allow_private_networks": False,
-              "local_files_root": None, "image_timeout_s": 5.0, "max_image_bytes": 5 * 1024 * 1024,
+              "local_files_root": tempfile.gettempdir(), "image_timeout_s": 5.0, "max_image_bytes": 5 * 1024 * 1024,
               "max_image_pixels": 64_000_000, "label_studio_api_key": None}
     values.update(overrides)
     return Settings(**values)
@@ -272,11 +274,16 @@ def test_symlink_out_of_the_root_is_refused(media_root):
     assert info.value.kind == "blocked"
 
 
-def test_without_a_root_paths_load_but_traversal_is_still_refused(media_root):
-    assert load_image(str(media_root / "sub" / "a.png"), settings=settings()).height == 4
+def test_without_a_root_local_paths_are_refused(media_root):
     with pytest.raises(ImageLoadError) as info:
-        load_image(str(media_root / "sub" / ".." / "sub" / "a.png"), settings=settings())
-    assert info.value.kind == "blocked" and "traversal" in str(info.value)
+        load_image(str(media_root / "sub" / "a.png"), settings=settings(local_files_root=None))
+    assert info.value.kind == "blocked" and "EGM_LOCAL_FILES_ROOT" in str(info.value)
+
+
+def test_traversal_is_refused_under_a_root(media_root):
+    with pytest.raises(ImageLoadError) as info:
+        load_image(str(media_root / "sub" / ".." / ".." / "x.png"), settings=settings(local_files_root=str(media_root)))
+    assert info.value.kind == "blocked"
 
 
 def test_missing_file_and_remote_file_url(media_root):

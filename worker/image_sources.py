@@ -136,11 +136,11 @@ def _refuse_traversal(path: str) -> None:
 
 
 def read_local_file(path: str, *, root: str | None, max_bytes: int) -> bytes:
-    if root:
-        real = confined_path(path, root)
-    else:
-        _refuse_traversal(path)
-        real = path
+    if not root:
+        # Task data comes from whoever can create tasks: never let it read arbitrary files.
+        raise ImageLoadError(f"local image paths are disabled ({path}): set EGM_LOCAL_FILES_ROOT to the folder "
+                             "that holds your images", "blocked")
+    real = confined_path(path, root)
     try:
         with open(real, "rb") as handle:
             if os.fstat(handle.fileno()).st_size > max_bytes:
