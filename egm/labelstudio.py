@@ -2,7 +2,7 @@
 
 Layers, bottom up:
 
-* ``ApiKey`` / ``_TokenAuth``: what kind of key we hold and how it goes on the wire.
+* ``key_kind`` / ``_TokenAuth``: what kind of key we hold and how it goes on the wire.
   A legacy token is sent as ``Authorization: Token <key>``. A personal access token
   is a JWT *refresh* token: it is exchanged at ``/api/token/refresh/`` for a
   5-minute access token sent as ``Authorization: Bearer <access>``, refreshed a
@@ -451,7 +451,7 @@ class LabelStudioClient:
 
     def iter_tasks(self, project_id: int, view_id: int | None = None, filters: dict[str, Any] | None = None,
                    page_size: int = 500) -> Iterator[TaskRecord]:
-        """Every task of a project (or of one of its Data Manager views), lightest payload first.
+        """Every task of a project (or of one of its Data Manager views), with a light payload.
 
         Tasks come in id order, paged by id (``id > last seen``) whenever the filters allow
         it, so predictions written while iterating (which can drop tasks out of a view
