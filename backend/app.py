@@ -21,8 +21,9 @@ from backend.labeling import LabelingConfigError, parse_labeling_config
 from backend.metrics import MetricsCollector
 from backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
                             SetupResponse, WebhookEvent)
-from backend.predictor import BadPredictRequest, Predictor
+from backend.predictor import BadPredictRequest, Predictor, project_id_of
 from backend.webhook import WebhookHandler
+from backend.webhook_auth import ensure_webhook_auth
 from config.settings import Settings, get_settings
 from egm.logs import configure_logging, redact
 from egm.prompts import PromptError
@@ -90,6 +91,10 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
                 parse_labeling_config(req.schema_)
             except LabelingConfigError as exc:
                 return JSONResponse({"detail": str(exc)}, 422)
+        try:
+            ensure_webhook_auth(settings, project_id_of(req.project))
+        except BadPredictRequest as exc:
+            return JSONResponse({"detail": str(exc)}, 422)
         return SetupResponse(model_version=version)
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, dependencies=[Depends(require_auth)])

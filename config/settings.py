@@ -80,6 +80,11 @@ class Settings(BaseSettings):
                                         description="Basic-auth user required on every route but /health.")
     basic_auth_pass: SecretStr | None = Field(None, validation_alias=_env("BASIC_AUTH_PASS"),
                                               description="Basic-auth password.")
+    public_url: str | None = Field(
+        None, validation_alias=_env("EGM_PUBLIC_URL"),
+        description="URL Label Studio uses to reach this backend (for patching its webhook's basic auth); "
+                    "default: any <host>:EGM_PORT/webhook of the project.",
+    )
     predict_budget_s: float = Field(
         25.0, validation_alias=_env("EGM_PREDICT_BUDGET_S"),
         description="How long /predict waits for workers before handing late results to them "
@@ -145,6 +150,8 @@ class Settings(BaseSettings):
     scripted_response: str | None = Field(None, validation_alias=_env("EGM_SCRIPTED_RESPONSE"),
                                           description="scripted engine: completion to return ({label} is filled in).")
     scripted_delay_s: float = Field(0.0, validation_alias=_env("EGM_SCRIPTED_DELAY_S"),
+                                    description="scripted engine: seconds each engine call sleeps (simulates a model).")
+    scripted_delay_s: float = Field(0.0, validation_alias=_env("EGM_SCRIPTED_DELAY_S"),
                                     description="scripted engine: seconds each engine call takes (simulated GPU time).")
 
     # --- Prompts and labels --------------------------------------------------
@@ -155,6 +162,27 @@ class Settings(BaseSettings):
     )
     prompt_dir: str | None = Field(None, validation_alias=_env("EGM_PROMPT_DIR"),
                                    description="Folder with prompt templates overriding config/prompts/.")
+
+    # --- Bulk runs and active learning ----------------------------------------
+    task_retries: int = Field(
+        3, validation_alias=_env("EGM_TASK_RETRIES"),
+        description="Bulk runs: how often a task that failed transiently (image download, engine error) is "
+                    "retried, with exponential backoff, before it lands in the run's failed list.",
+    )
+    task_retry_backoff_s: float = Field(
+        2.0, validation_alias=_env("EGM_TASK_RETRY_BACKOFF_S"),
+        description="Bulk runs: delay before the first retry of a transiently failed task (doubles each time).",
+    )
+    uncertainty: Literal["logprob", "samples", "both"] = Field(
+        "logprob", validation_alias=_env("EGM_UNCERTAINTY"),
+        description="Prediction score for active learning: logprob (box-token log-probabilities), samples "
+                    "(agreement of EGM_UNCERTAINTY_SAMPLES answers) or both (their product). See docs/bulk.md.",
+    )
+    uncertainty_samples: int = Field(
+        1, validation_alias=_env("EGM_UNCERTAINTY_SAMPLES"),
+        description="K, the answers per query compared by the samples score (K-1 extra engine requests; "
+                    "needs EGM_TEMPERATURE > 0 to differ).",
+    )
 
     # --- Images --------------------------------------------------------------
     max_image_pixels: int = Field(

@@ -135,3 +135,40 @@ def test_late_results_are_written_by_the_worker_without_duplicates(label_studio,
         assert {p["model_version"] for p in preds} == {s.model_version()}
     finally:
         s.stop()
+
+
+def test_basic_auth_backend_patches_its_webhook_and_receives_events(label_studio, redis_url, tmp_path):
+    user, password = "ls-backend", "pw-" + "x7Kq2mZp"
+    s = Stack(label_studio, redis_url, tmp_path, BASIC_AUTH_USER=user, BASIC_AUTH_PASS=password).start()
+    try:
+        project = label_studio.create_project(CONFIG)
+        task_id, _ = label_studio.upload_image(project, sample_images()[1])
+        label_studio._call("POST", "/api/ml/", json={
+            "url": s.url, "project": project, "title": "egm", "auth_method": "BASIC_AUTH",
+            "basic_auth_user": user, "basic_auth_pass": password})
+        client = label_studio.client()
+        deadline = time.time() + 30
+        hooks = []
+        while time.time() < deadline:
+            hooks = [h for h in client.list_webhooks(project) if h.url.endswith("/webhook")]
+            if hooks and hooks[0].headers.get("Authorization", "").startswith("Basic "):
+                break
+            time.sleep(0.5)
+        assert hooks and hooks[0].headers["Authorization"].startswith("Basic ")
+        label_studio.create_annotation(task_id, [])
+        auth = (user, password)
+        deadline = time.time() + 20
+        seen = 0.0
+        while time.time() < deadline and not seen:
+            text = httpx.get(s.url + "/metrics", auth=auth).text
+            seen = sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("egm_annotation_events_total{"))
+            time.sleep(0.3)
+        assert seen >= 1  # Label Studio's webhook got through basic auth
+        assert httpx.get(s.url + "/metrics").status_code == 401
+        # no secret in the backend's or the worker's logs
+        for log in tmp_path.glob("*.log"):
+            text = log.read_text()
+            assert password not in text and label_studio.token not in text, log.name
+    finally:
+        s.stop()
