@@ -80,10 +80,13 @@ class Predictor:
 
     def predict(self, req: PredictRequest) -> PredictResponse:
         started = time.time()
+        deadline = started + self.settings.predict_budget_s
         plan = self.plan(req)
         if plan.jobs:
+            # Before enqueueing: if this process dies while it waits, workers deliver after the deadline.
+            self.queue.expect_response([j.job_id for j in plan.jobs if j.deliver_late], deadline)
             self.queue.enqueue_many(plan.jobs)
-        results = self._collect(plan.jobs, deadline=started + self.settings.predict_budget_s)
+        results = self._collect(plan.jobs, deadline=deadline)
         out: list[Prediction | list] = []
         for pos, slot in enumerate(plan.slots):
             if slot is None:

@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         None, validation_alias=_env("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
         description="Label Studio legacy token or personal access token (JWT refresh token).",
     )
+    ls_outage_wait_s: float = Field(
+        300.0, validation_alias=_env("EGM_LS_OUTAGE_WAIT_S"),
+        description="How long a worker keeps retrying a prediction write while Label Studio is unreachable "
+                    "or failing (5xx, 429) before it fails those tasks with error_kind label_studio.",
+    )
 
     # --- ML backend HTTP service --------------------------------------------
     host: str = Field("127.0.0.1", validation_alias=_env("EGM_HOST"),

@@ -2,19 +2,27 @@
 
 Delivery handshake (so a result reaches Label Studio exactly once):
 
-* the worker stores the result, pushes a wake-up on ``done:<job>``, then, if the
-  job was handed off, claims ``deliver:<job>`` and writes to Label Studio itself;
+* before enqueueing, ``/predict`` writes its deadline to ``handoff:<job>``;
+* the worker stores the result, pushes a wake-up on ``done:<job>``, then reads
+  ``handoff:<job>``: past the deadline it claims ``deliver:<job>`` and writes to
+  Label Studio itself; before it, it files the job in the ``late`` schedule
+  (due at the deadline plus a grace period) and lets ``/predict`` answer;
 * ``/predict`` waits on ``done:<job>`` up to its budget; it returns a result only
-  after claiming ``deliver:<job>``; at the deadline it sets ``handoff:<job>``
-  and makes one last check for a stored result.
+  after claiming ``deliver:<job>``; at the deadline it moves ``handoff:<job>`` to
+  "now" and makes one last check for a stored result;
+* workers sweep the ``late`` schedule between jobs: a due job that nobody claimed
+  (the backend died or lost Redis while it waited) is claimed and delivered then.
 
 Whoever wins ``SET deliver:<job> NX`` delivers; the ordering (store, then read
 handoff / set handoff, then read result) guarantees at least one side sees the
-other, and NX guarantees at most one delivers.
+other, the schedule covers a requester that vanished, and NX guarantees at most
+one delivers. A worker may re-enter its own claim (a retried job after a failed
+write); per-task claims in :mod:`worker.delivery` keep those writes exactly-once.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import redis
@@ -28,6 +36,11 @@ from egm.contract import BATCH_FUNC, BatchJob, BatchResult, Priority, queue_name
 
 HANDOFF_TTL_S = 24 * 3600
 BLOCK_SLICE_S = 2.0
+#: A worker delivers a result nobody claimed this long after the requester's deadline
+#: (room for a live backend's last check and for clock skew between machines).
+LATE_GRACE_S = 5.0
+#: ``handoff:<job>`` value meaning "the requester stopped waiting: deliver now".
+HANDOFF_NOW = "0"
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -71,6 +84,19 @@ class QueueClient:
             out.extend(queue.enqueue_many(datas))
         return out
 
+    def expect_response(self, job_ids: list[str], deadline: float) -> None:
+        """Before enqueueing: the requester claims these results until ``deadline``, the worker after it.
+
+        Written before the jobs exist, so a worker always sees it; if the requester dies
+        while waiting, the workers' ``late`` sweep delivers the results.
+        """
+        if not job_ids:
+            return
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.set(self.key("handoff", job_id), repr(float(deadline)), ex=HANDOFF_TTL_S)
+            pipe.execute()
+
     # -- waiting for results -------------------------------------------------------------
     def wait_any(self, job_ids: list[str], deadline: float) -> str | None:
         """Block until one of the jobs finishes or the deadline passes; returns its id."""
@@ -99,7 +125,7 @@ class QueueClient:
 
     def hand_off(self, job_id: str) -> BatchResult | None:
         """Stop waiting: the worker delivers when done. Returns the result if it landed just now."""
-        self.redis.set(self.key("handoff", job_id), "1", ex=HANDOFF_TTL_S)
+        self.redis.set(self.key("handoff", job_id), HANDOFF_NOW, ex=HANDOFF_TTL_S)
         return self.claim_for_response(job_id)
 
     # -- worker side -------------------------------------------------------------------------
@@ -112,11 +138,50 @@ class QueueClient:
             pipe.expire(done, self.settings.result_ttl_s)
             pipe.execute()
 
+    def handoff_due(self, job_id: str) -> float | None:
+        """When the worker may deliver this job's result (epoch seconds); ``None``: never (not handed off)."""
+        raw = self.redis.get(self.key("handoff", job_id))
+        if raw is None:
+            return None
+        try:
+            return float(raw)
+        except ValueError:  # an older backend wrote "1": handed off now
+            return 0.0
+
     def worker_must_deliver(self, job_id: str) -> bool:
-        """After storing: did /predict hand this job off, and did we win the delivery?"""
-        if not self.redis.exists(self.key("handoff", job_id)):
+        """After storing: is the requester's deadline past, and is the delivery ours?"""
+        due = self.handoff_due(job_id)
+        if due is None or due > time.time():
             return False
-        return bool(self.redis.set(self.key("deliver", job_id), "worker", nx=True, ex=HANDOFF_TTL_S))
+        return self._claim_delivery(job_id)
+
+    def _claim_delivery(self, job_id: str) -> bool:
+        key = self.key("deliver", job_id)
+        if self.redis.set(key, "worker", nx=True, ex=HANDOFF_TTL_S):
+            return True
+        # Already the workers': a retry of a job whose write failed delivers again (per-task claims dedupe).
+        return self.redis.get(key) == b"worker"
+
+    def defer_delivery(self, job_id: str, project_id: int | None, due: float) -> None:
+        """File a finished job for the ``late`` sweep, unless the requester already claimed it."""
+        if self.redis.exists(self.key("deliver", job_id)):
+            return
+        member = json.dumps({"job_id": job_id, "project_id": project_id})
+        self.redis.zadd(self.key("late"), {member: due + LATE_GRACE_S})
+
+    def take_due_deliveries(self, now: float | None = None, limit: int = 100) -> list[tuple[str, int | None]]:
+        """Remove and return due ``late`` entries as (job id, project id); each goes to one sweeper only."""
+        key = self.key("late")
+        members = self.redis.zrangebyscore(key, 0, now if now is not None else time.time(), start=0, num=limit)
+        out = []
+        for member in members:
+            if self.redis.zrem(key, member):  # the sweeper that removes it owns it
+                entry = json.loads(member)
+                out.append((entry["job_id"], entry.get("project_id")))
+        return out
+
+    def late_pending(self) -> int:
+        return int(self.redis.zcard(self.key("late")))
 
     # -- introspection -------------------------------------------------------------------------
     def depths(self) -> dict[str, dict[str, int]]:

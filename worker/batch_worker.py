@@ -47,6 +47,14 @@ class BatchWorker(SimpleWorker):
             stop.set()
             beat.join(timeout=self.heartbeat_s + 1)
 
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        # Late results whose /predict caller vanished (see egm.queue): deliver them between jobs.
+        try:
+            jobs.deliver_due()
+        except Exception:  # Redis or Label Studio hiccup: the entries wait for the next round
+            log.warning("late delivery sweep failed", exc_info=True)
+
     def _beat(self, job: Job, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s):
             if getattr(self, "execution", None) is None:
@@ -89,10 +97,14 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     jobs.install(build_runtime(settings, engine, queue, worker_name))
     order = priorities or [Priority.interactive, Priority.bulk]
     BatchWorker.heartbeat_s = settings.heartbeat_s
+    maintenance_s = max(5, settings.heartbeat_s * 3)
     worker = BatchWorker(
         [queue.queues[p] for p in order], connection=queue.redis, name=worker_name,
         serializer=JSONSerializer, default_result_ttl=settings.result_ttl_s,
-        maintenance_interval=max(5, settings.heartbeat_s * 3), job_monitoring_interval=settings.heartbeat_s,
+        maintenance_interval=maintenance_s, job_monitoring_interval=settings.heartbeat_s,
+        # RQ's dequeue timeout is worker_ttl - 15: an idle worker wakes every maintenance period,
+        # so maintenance (and with it the late-delivery sweep) runs even when no job arrives.
+        worker_ttl=15 + maintenance_s,
     )
     log.info("worker ready", extra={"worker": worker_name, "queues": [q.name for q in worker.queues],
                                     "engine": engine.name})

@@ -4,6 +4,13 @@ A Redis claim ``written:<model_version>:<task>`` is taken before writing. A clai
 left ``pending`` by a worker that died mid-write is verified against Label
 Studio (does the task already have a prediction of this version?) before anyone
 writes again, so retries and crashes never create duplicates.
+
+Claims are ``pending:<time>:<owner>`` (owner: the batch job id). A fresh claim of
+another owner means someone is writing right now; a claim of the same owner was
+left by an earlier attempt of this very job (its worker died, or the write
+failed), so it is verified at once. A write that raised leaves its claims
+``pending:0:<owner>``: Label Studio may have stored the predictions before the
+connection broke, so the next attempt checks before writing.
 """
 
 from __future__ import annotations
@@ -42,14 +49,16 @@ class LabelStudioWriter:
     def is_written(self, model_version: str, task_id: int) -> bool:
         return self.redis.get(self._claim_key(model_version, task_id)) == b"done"
 
-    def write(self, project_id: int | None, results: list[TaskResult], model_version: str) -> WriteReport:
+    def write(self, project_id: int | None, results: list[TaskResult], model_version: str,
+              owner: str | None = None) -> WriteReport:
+        """Write the ok results not yet written; ``owner`` (the batch job id) names this writer's claims."""
         report = WriteReport()
         todo = [r for r in results if r.status == "ok" and r.task_id is not None]
         if not todo:
             return report
         if self.client is None:
             raise RuntimeError("cannot write predictions: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set")
-        mine = [r for r in todo if self._claim(model_version, r.task_id, report)]
+        mine = [r for r in todo if self._claim(model_version, r.task_id, report, owner or "")]
         if not mine:
             return report
         items = [{"task": r.task_id, "result": r.ls_result, "score": r.score, "model_version": model_version}
@@ -62,8 +71,12 @@ class LabelStudioWriter:
                 for item in items:
                     self.client.create_prediction(item["task"], item["result"], item["score"], model_version)
         except Exception:
-            # Label Studio unreachable or failing: release the claims so the retried job writes them.
-            self.redis.delete(*[self._claim_key(model_version, r.task_id) for r in mine])
+            # Unknown outcome (Label Studio may have stored them before the connection broke):
+            # leave the claims stale so the next attempt verifies in Label Studio before writing.
+            with self.redis.pipeline(transaction=False) as pipe:
+                for r in mine:
+                    pipe.set(self._claim_key(model_version, r.task_id), f"pending:0:{owner or ''}", ex=DONE_TTL_S)
+                pipe.execute()
             raise
         with self.redis.pipeline(transaction=False) as pipe:
             for r in mine:
@@ -79,25 +92,41 @@ class LabelStudioWriter:
                         "model_version": model_version})
         return report
 
-    def _claim(self, model_version: str, task_id: int, report: WriteReport) -> bool:
+    def _claim(self, model_version: str, task_id: int, report: WriteReport, owner: str) -> bool:
         key = self._claim_key(model_version, task_id)
-        if self.redis.set(key, f"pending:{time.time()}", nx=True, ex=DONE_TTL_S):
+        if self.redis.set(key, f"pending:{time.time()}:{owner}", nx=True, ex=DONE_TTL_S):
             return True
         value = (self.redis.get(key) or b"").decode()
         if value == "done":
             report.already.append(task_id)
             return False
-        started = float(value.split(":", 1)[1]) if value.startswith("pending:") else 0.0
-        if time.time() - started < PENDING_STALE_S:
-            report.already.append(task_id)  # another worker is writing it right now
+        started, claim_owner = _pending(value)
+        if time.time() - started < PENDING_STALE_S and (not owner or claim_owner != owner):
+            report.already.append(task_id)  # another job is writing it right now
             return False
-        # A writer died mid-write: trust Label Studio, not the claim.
+        # A writer died or failed mid-write: trust Label Studio, not the claim.
         if self._has_prediction(task_id, model_version):
             self.redis.set(key, "done", ex=DONE_TTL_S)
             report.already.append(task_id)
             return False
-        self.redis.set(key, f"pending:{time.time()}", ex=DONE_TTL_S)
+        # Take the claim over only if nobody else did meanwhile (two retries of one job).
+        previous = self.redis.set(key, f"pending:{time.time()}:{owner}", ex=DONE_TTL_S, get=True)
+        if (previous or b"").decode() != value:
+            report.already.append(task_id)
+            return False
         return True
 
     def _has_prediction(self, task_id: int, model_version: str) -> bool:
         return any(p.model_version == model_version for p in self.client.list_predictions(task_id=task_id))
+
+
+def _pending(value: str) -> tuple[float, str | None]:
+    """``pending:<time>[:<owner>]`` -> (time, owner); anything else counts as stale."""
+    parts = value.split(":", 2)
+    if len(parts) < 2 or parts[0] != "pending":
+        return 0.0, None
+    try:
+        started = float(parts[1])
+    except ValueError:
+        return 0.0, None
+    return started, parts[2] if len(parts) == 3 else None

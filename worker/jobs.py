@@ -7,9 +7,11 @@ once at start-up (engine loaded, connections open); jobs only reference it.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-from egm.contract import BatchJob
+from egm.contract import BatchJob, BatchResult
+from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
 from worker.delivery import LabelStudioWriter
 from worker.pipeline import BatchProcessor
@@ -48,13 +50,9 @@ def run_batch(payload: dict) -> dict:
     rt.queue.store_result(result)
     written = 0
     if job.write_to_label_studio:
-        written = _write(rt, job, result)
-    elif job.deliver_late and rt.queue.worker_must_deliver(job.job_id):
-        if rt.writer.client is None:
-            log.warning("late result kept in Redis only: no Label Studio credentials configured",
-                        extra={"job_id": job.job_id})
-        else:
-            written = _write(rt, job, result)
+        written = _write(rt, job.project_id, result)
+    elif job.deliver_late:
+        written = _deliver_late(rt, job, result)
     if callable(rt.on_batch_done):
         rt.on_batch_done(job, result, stats)
     ok = sum(r.status == "ok" for r in result.results)
@@ -65,9 +63,68 @@ def run_batch(payload: dict) -> dict:
     return {"job_id": job.job_id, "ok": ok, "failed": len(job.tasks) - ok, "written": written}
 
 
-def _write(rt: Runtime, job: BatchJob, result) -> int:
-    """Write the batch's predictions; a prediction Label Studio refuses fails that task only."""
-    report = rt.writer.write(job.project_id, result.results, job.model_version)
+def _deliver_late(rt: Runtime, job: BatchJob, result: BatchResult) -> int:
+    """An interactive result: /predict's to answer until its deadline, ours to write after it."""
+    if rt.queue.worker_must_deliver(job.job_id):
+        return _write_late(rt, job.project_id, result)
+    due = rt.queue.handoff_due(job.job_id)
+    if due is not None:
+        # /predict may still answer; if it died waiting, the late sweep delivers after the deadline.
+        rt.queue.defer_delivery(job.job_id, job.project_id, due)
+    return 0
+
+
+def deliver_due(rt: Runtime | None = None) -> int:
+    """Write late results that nobody claimed by their deadline (the backend died or lost Redis
+    while it waited). Called by the worker between jobs; returns how many predictions it wrote."""
+    rt = rt or runtime()
+    written = 0
+    for job_id, project_id in rt.queue.take_due_deliveries():
+        result = rt.queue.result(job_id)
+        if result is None:
+            log.warning("late result expired before delivery", extra={"job_id": job_id})
+            continue
+        if rt.queue.worker_must_deliver(job_id):  # False when /predict answered with it after all
+            written += _write_late(rt, project_id, result)
+    return written
+
+
+def _write_late(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
+    if rt.writer.client is None:
+        log.warning("late result kept in Redis only: no Label Studio credentials configured",
+                    extra={"job_id": result.job_id})
+        return 0
+    return _write(rt, project_id, result)
+
+
+def _transient(exc: LabelStudioError) -> bool:
+    """Label Studio down, overloaded or unreachable: worth waiting for."""
+    return exc.status_code is None or exc.status_code >= 500 or exc.status_code == 429
+
+
+def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
+    """Write the batch's predictions; a prediction Label Studio refuses fails that task only.
+
+    While Label Studio is unreachable the worker waits (backoff, up to ``EGM_LS_OUTAGE_WAIT_S``)
+    rather than failing the job: the results are computed and a retried job would recompute
+    them. After that, or on a refusal of the whole write (4xx), the unwritten tasks fail with
+    ``error_kind`` ``label_studio`` and the reason, so they are listed, never silently lost.
+    """
+    patience = rt.processor.settings.ls_outage_wait_s
+    give_up_at = time.monotonic() + patience
+    delay = 1.0
+    while True:
+        try:
+            report = rt.writer.write(project_id, result.results, result.model_version, owner=result.job_id)
+            break
+        except LabelStudioError as exc:
+            if not _transient(exc) or time.monotonic() + delay > give_up_at:
+                why = str(exc) if not _transient(exc) else f"Label Studio unavailable for {patience:.0f} s: {exc}"
+                return _fail_unwritten(rt, result, why)
+            log.warning("Label Studio write failed; waiting for it", extra={
+                "job_id": result.job_id, "retry_in_s": delay, "error": str(exc)})
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
     for r in result.results:
         if r.task_id in report.refused:
             r.status, r.error_kind = "failed", "label_studio"
@@ -75,3 +132,16 @@ def _write(rt: Runtime, job: BatchJob, result) -> int:
     if report.refused:
         rt.queue.store_result(result)
     return len(report.written)
+
+
+def _fail_unwritten(rt: Runtime, result: BatchResult, why: str) -> int:
+    failed = 0
+    for r in result.results:
+        if r.status == "ok" and r.task_id is not None and not rt.writer.is_written(result.model_version, r.task_id):
+            r.status, r.error_kind = "failed", "label_studio"
+            r.error = f"prediction not written to Label Studio: {why}"
+            failed += 1
+    log.error("predictions not written to Label Studio", extra={"job_id": result.job_id, "tasks": failed,
+                                                                "error": why})
+    rt.queue.store_result(result)
+    return 0
