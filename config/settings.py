@@ -155,8 +155,6 @@ class Settings(BaseSettings):
     scripted_response: str | None = Field(None, validation_alias=_env("EGM_SCRIPTED_RESPONSE"),
                                           description="scripted engine: completion to return ({label} is filled in).")
     scripted_delay_s: float = Field(0.0, validation_alias=_env("EGM_SCRIPTED_DELAY_S"),
-                                    description="scripted engine: seconds each engine call sleeps (simulates a model).")
-    scripted_delay_s: float = Field(0.0, validation_alias=_env("EGM_SCRIPTED_DELAY_S"),
                                     description="scripted engine: seconds each engine call takes (simulated GPU time).")
 
     # --- Prompts and labels --------------------------------------------------
