@@ -1,0 +1,464 @@
+"""Fast decoding for Qwen3-VL in transformers: static KV cache, one CUDA graph per step.
+
+Why not ``model.generate``: every decode step of the 4B model is a few milliseconds of GPU
+work (reading 8 GB of weights), but eager transformers spends ~30 ms of Python and kernel
+launches on it, and its own static-cache + compile path still syncs, processes logits in
+Python and re-reads the whole cache. Here:
+
+* prefill is the model's own forward (vision tower, deepstack, 3-D M-RoPE, left padding),
+  its keys/values copied into a preallocated cache;
+* each decode step (embed -> 36 layers -> lm_head -> token choice -> log-prob of the chosen
+  token -> EOS bookkeeping) runs on the device without any host round trip, captured once as
+  a CUDA graph per (batch bucket, cache-length chunk) and replayed; optionally compiled by
+  Inductor first so the small element-wise kernels fuse;
+* batch sizes are bucketed to powers of two and cache lengths to chunks of 256, so a handful
+  of graphs serve every request shape; attention reads only the chunk in use;
+* the host checks for "all finished" every few steps only.
+
+Decode-time positions: after the image, all three M-RoPE axes of a text token are equal
+(position = text index + the per-row rope delta), so M-RoPE reduces to ordinary RoPE at that
+position; the model's own rotary module computes it from a (3, B, 1) position tensor.
+
+The same code runs eagerly on the CPU (no graphs), which is how tests check that it
+produces exactly what ``model.generate`` produces.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LEN_CHUNK = 256
+#: host checks whether every row finished once per this many steps (each check is a sync)
+FINISH_CHECK_EVERY = 8
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def select_tokens(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
+    """Next token per row: argmax, or temperature -> top-k -> top-p -> sample (as transformers).
+
+    Sampling uses the Gumbel-max trick so it has static shapes and no host sync (graph-safe).
+    """
+    if sp.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits / sp.temperature
+    k = scores.shape[-1] if sp.top_k <= 0 else min(sp.top_k, scores.shape[-1])
+    vals, idx = scores.topk(k, dim=-1)  # sorted, descending
+    if sp.top_p < 1.0:
+        probs = vals.softmax(dim=-1)
+        # drop a token when the mass before it already exceeds top_p (the top token always stays)
+        drop = (probs.cumsum(dim=-1) - probs) > sp.top_p
+        vals = vals.masked_fill(drop, float("-inf"))
+    u = torch.rand_like(vals).clamp_(min=1e-20, max=1.0 - 1e-7)
+    choice = (vals - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
+    return idx.gather(-1, choice).squeeze(-1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # same arithmetic as Qwen3VLTextRMSNorm (fp32 statistics, weight applied in the input dtype)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One decoder layer's tensors. Passing tensors (not modules) lets one compiled graph
+    serve all 36 layers: compile once, not once per layer."""
+
+    in_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _LayerWeights:
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            if lin.bias is not None:
+                raise NotImplementedError("attention/MLP biases are not supported by the fast decoder")
+        return cls(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                   a.q_norm.weight, a.k_norm.weight, a.o_proj.weight, layer.post_attention_layernorm.weight,
+                   m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+
+
+def _layer_step(h, cos, sin, bias, idx, k_cache, v_cache, w, eps: float, n_kv: int, head_dim: int):
+    """One decoder layer for a single new token per row. Writes its K/V at slot ``idx``."""
+    in_norm, wq, wk, wv, q_norm, k_norm, wo, post_norm, gate, up, down = w
+    b = h.shape[0]
+    lc = bias.shape[-1]
+    x = _rms_norm(h, in_norm, eps)
+    q = _rms_norm(F.linear(x, wq).view(b, -1, head_dim), q_norm, eps)  # [B, Hq, D]
+    k = _rms_norm(F.linear(x, wk).view(b, -1, head_dim), k_norm, eps)  # [B, Hkv, D]
+    v = F.linear(x, wv).view(b, -1, head_dim)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    k_cache.index_copy_(2, idx, k.unsqueeze(2))
+    v_cache.index_copy_(2, idx, v.unsqueeze(2))
+    # GQA without repeating the cache: the query heads of one KV head act as its "query
+    # positions", so every cached K/V byte is read once.
+    qg = q.view(b, n_kv, -1, head_dim)
+    o = F.scaled_dot_product_attention(qg, k_cache[:, :, :lc], v_cache[:, :, :lc], attn_mask=bias,
+                                       scale=head_dim ** -0.5)
+    h = h + F.linear(o.reshape(b, 1, -1), wo)
+    x = _rms_norm(h, post_norm, eps)
+    return h + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class DecodeStep:
+    """One decode step for a batch, reading and writing only preallocated buffers.
+
+    Inputs (mutated in place where noted): ``tok`` [B] last token (-> next token), ``pos``
+    [B] its rope position (+1), ``idx`` [1] its cache slot (+1), ``t`` [1] output column
+    (+1), ``pad_ok`` [B, Lmax] prompt padding mask, ``positions`` [Lc] = arange(Lc) (its
+    length picks the attended chunk), ``finished`` [B], ``out_tok``/``out_lp`` [B, T],
+    ``keys``/``values`` per layer [B, Hkv, Lmax, D], ``eos`` [E].
+
+    The three parts (embedding + rope + mask, one layer, head + token choice) are compiled
+    separately when ``inductor`` is set; eager otherwise.
+    """
+
+    def __init__(self, model: nn.Module, sampling: SamplingParams, pad_id: int, stop_on_eos: bool,
+                 inductor: bool = False) -> None:
+        lm = model.model.language_model
+        cfg = model.config.text_config
+        self.embed = lm.embed_tokens.weight
+        self.rotary = lm.rotary_emb
+        self.final_norm = lm.norm.weight
+        self.lm_head = model.lm_head.weight
+        if getattr(model.lm_head, "bias", None) is not None:
+            raise NotImplementedError("an lm_head bias is not supported by the fast decoder")
+        self.layers = [_LayerWeights.of(layer).as_tuple() for layer in lm.layers]
+        self.eps = float(cfg.rms_norm_eps)
+        self.n_kv = int(cfg.num_key_value_heads)
+        self.head_dim = int(cfg.head_dim)
+        self.sampling = sampling
+        self.pad_id = pad_id
+        self.stop_on_eos = stop_on_eos
+        self._head, self._layer, self._tail = self._head_impl, _layer_step, self._tail_impl
+        if inductor:
+            self._head = torch.compile(self._head_impl, fullgraph=True)
+            self._layer = torch.compile(_layer_step, fullgraph=True)
+            self._tail = torch.compile(self._tail_impl, fullgraph=True)
+
+    def __call__(self, tok, pos, idx, t, pad_ok, positions, finished, out_tok, out_lp, keys, values, eos) -> None:
+        h, cos, sin, bias = self._head(tok, pos, idx, pad_ok, positions)
+        for i, w in enumerate(self.layers):
+            h = self._layer(h, cos, sin, bias, idx, keys[i], values[i], w, self.eps, self.n_kv, self.head_dim)
+        self._tail(h, tok, pos, idx, t, finished, out_tok, out_lp, eos)
+
+    def _head_impl(self, tok, pos, idx, pad_ok, positions):
+        b = tok.shape[0]
+        lc = positions.shape[0]
+        h = F.embedding(tok, self.embed).unsqueeze(1)  # [B, 1, H]
+        cos, sin = self.rotary(h, pos.view(1, b, 1).expand(3, b, 1))  # [B, 1, D]
+        attend = pad_ok[:, :lc] & (positions <= idx)
+        bias = torch.zeros(b, 1, 1, lc, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill(~attend.view(b, 1, 1, lc), torch.finfo(h.dtype).min)
+        return h, cos, sin, bias
+
+    def _tail_impl(self, h, tok, pos, idx, t, finished, out_tok, out_lp, eos) -> None:
+        h = _rms_norm(h[:, 0], self.final_norm, self.eps)
+        logits = F.linear(h, self.lm_head).float()
+        nxt = select_tokens(logits, self.sampling)
+        lp = logits.log_softmax(dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
+        nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
+        lp = torch.where(finished, torch.zeros_like(lp), lp)
+        out_tok.index_copy_(1, t, nxt.unsqueeze(1))
+        out_lp.index_copy_(1, t, lp.unsqueeze(1))
+        if self.stop_on_eos:
+            finished.logical_or_(nxt.unsqueeze(1).eq(eos.unsqueeze(0)).any(dim=1))
+        tok.copy_(nxt)
+        pos.add_(1)
+        idx.add_(1)
+        t.add_(1)
+
+
+@dataclass
+class _Workspace:
+    """Preallocated state of one batch bucket; CUDA graphs are recorded against these tensors."""
+
+    batch: int
+    max_len: int
+    max_new: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    tok: torch.Tensor
+    pos: torch.Tensor
+    idx: torch.Tensor
+    t: torch.Tensor
+    pad_ok: torch.Tensor
+    arange: torch.Tensor
+    finished: torch.Tensor
+    out_tok: torch.Tensor
+    out_lp: torch.Tensor
+    graphs: dict[int, Any] = field(default_factory=dict)
+
+    def step_args(self, lc: int, eos: torch.Tensor) -> tuple:
+        return (self.tok, self.pos, self.idx, self.t, self.pad_ok, self.arange[:lc], self.finished,
+                self.out_tok, self.out_lp, self.keys, self.values, eos)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def batch_bucket(n: int, max_batch: int) -> int:
+    """Smallest power of two >= n, but never above max(n, max_batch)."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max(n, max_batch))
+
+
+class StaticCacheDecoder:
+    """Batched greedy/sampled decoding of a loaded Qwen3-VL model, see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eos_ids: list[int],
+        pad_id: int,
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        max_batch: int,
+        stop_on_eos: bool = True,
+        cuda_graphs: bool | None = None,
+        inductor: bool = False,
+        max_workspaces: int = 4,
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.pad_id = pad_id
+        self.sampling = sampling
+        self.max_new = max_new_tokens
+        self.max_batch = max_batch
+        self.stop_on_eos = stop_on_eos
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
+        self.inductor = inductor
+        if inductor:
+            _raise_recompile_limit(32)
+        self._step_fn = DecodeStep(model, sampling, pad_id, stop_on_eos, inductor=inductor)
+        #: set True to synchronise after each phase and record ``last_timings`` (benchmarks)
+        self.timing = False
+        self.last_timings: dict[str, float] = {}
+        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        self._max_workspaces = max_workspaces
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    # ------------------------------------------------------------------ public
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [n, T] and their log-probs [n, T] on the CPU (rows padded with pad_id / 0 after EOS)."""
+        ids = inputs["input_ids"]
+        n, prompt_len = ids.shape
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} exceeds max_batch={self.max_batch}")
+        ws = self._workspace(batch_bucket(n, self.max_batch), prompt_len + self.max_new)
+        chunks = sorted({self._chunk(prompt_len + s) for s in range(max(self.max_new - 1, 0))})
+        t0 = self._tick()
+        if self.cuda_graphs:
+            for lc in chunks:
+                if lc not in ws.graphs:
+                    ws.graphs[lc] = self._capture_or_fall_back(ws, lc)
+            for lc in chunks:  # a fall-back to eager graphs drops the graphs captured before it
+                if lc not in ws.graphs:
+                    ws.graphs[lc] = self._capture(ws, lc)
+        t1 = self._tick()
+
+        logits, cache, pos3 = self._prefill(inputs)
+        first = select_tokens(logits, self.sampling)
+        first_lp = logits.log_softmax(dim=-1).gather(1, first.unsqueeze(1)).squeeze(1)
+        self._load_state(ws, cache, inputs["attention_mask"], pos3, first, first_lp, n)
+        del cache
+        t2 = self._tick()
+
+        steps_done = 1
+        for s in range(self.max_new - 1):
+            lc = self._chunk(prompt_len + s)
+            if self.cuda_graphs:
+                ws.graphs[lc].replay()
+            else:
+                self._step_fn(*ws.step_args(lc, self.eos))
+            steps_done += 1
+            if self.stop_on_eos and steps_done % FINISH_CHECK_EVERY == 0 and bool(ws.finished.all()):
+                break
+        tokens, logprobs = ws.out_tok[:n, :steps_done].cpu(), ws.out_lp[:n, :steps_done].cpu()
+        if self.timing:
+            t3 = self._tick()
+            self.last_timings = {"capture_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2,
+                                 "steps": float(steps_done), "bucket": float(ws.batch)}
+        return tokens, logprobs
+
+    def _tick(self) -> float:
+        if self.timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def reset(self) -> None:
+        """Drop every cache and graph (frees GPU memory)."""
+        self._workspaces.clear()
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _chunk(cache_index: int) -> int:
+        return (cache_index // LEN_CHUNK + 1) * LEN_CHUNK
+
+    def _prefill(self, inputs: dict[str, torch.Tensor]):
+        from transformers import DynamicCache
+
+        pos3, _ = self.model.model.get_rope_index(
+            inputs["input_ids"],
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=inputs["attention_mask"],
+        )
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            **inputs, position_ids=pos3, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[:, -1].float(), cache, pos3
+
+    def _load_state(self, ws: _Workspace, cache, attention_mask, pos3, first, first_lp, n: int) -> None:
+        prompt_len = attention_mask.shape[1]
+        for i, layer in enumerate(cache.layers):
+            ws.keys[i][:n, :, :prompt_len].copy_(layer.keys)
+            ws.values[i][:n, :, :prompt_len].copy_(layer.values)
+        ws.pad_ok.fill_(True)
+        ws.pad_ok[:n, :prompt_len].copy_(attention_mask.bool())
+        ws.tok.fill_(self.pad_id)
+        ws.tok[:n].copy_(first)
+        ws.pos.zero_()
+        # first generated token sits one past the largest prompt position (of any rope axis)
+        ws.pos[:n].copy_(pos3.amax(dim=(0, 2)) + 1)
+        ws.idx.fill_(prompt_len)
+        ws.t.fill_(1)
+        ws.finished.fill_(True)
+        if self.stop_on_eos:
+            ws.finished[:n].copy_(first.unsqueeze(1).eq(self.eos.unsqueeze(0)).any(dim=1))
+        else:
+            ws.finished[:n].fill_(False)
+        ws.out_tok.fill_(self.pad_id)
+        ws.out_lp.zero_()
+        ws.out_tok[:n, 0].copy_(first)
+        ws.out_lp[:n, 0].copy_(first_lp)
+
+    def _workspace(self, batch: int, need_len: int) -> _Workspace:
+        ws = self._workspaces.get(batch)
+        if ws is not None and ws.max_len >= need_len:
+            self._workspaces.move_to_end(batch)
+            return ws
+        if ws is not None:  # too short: replace (its graphs point at the old buffers)
+            del self._workspaces[batch]
+        while len(self._workspaces) >= self._max_workspaces:
+            self._workspaces.popitem(last=False)
+        ws = self._allocate(batch, _round_up(need_len, 2 * LEN_CHUNK))
+        self._workspaces[batch] = ws
+        return ws
+
+    def _allocate(self, batch: int, max_len: int) -> _Workspace:
+        cfg = self.model.config.text_config
+        dev = self.device
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+
+        def kv() -> list[torch.Tensor]:
+            return [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(cfg.num_hidden_layers)]
+
+        return _Workspace(
+            batch=batch, max_len=max_len, max_new=self.max_new, keys=kv(), values=kv(),
+            tok=torch.full((batch,), self.pad_id, dtype=torch.long, device=dev),
+            pos=torch.zeros(batch, dtype=torch.long, device=dev),
+            idx=torch.zeros(1, dtype=torch.long, device=dev),
+            t=torch.zeros(1, dtype=torch.long, device=dev),
+            pad_ok=torch.ones(batch, max_len, dtype=torch.bool, device=dev),
+            arange=torch.arange(max_len, dtype=torch.long, device=dev),
+            finished=torch.zeros(batch, dtype=torch.bool, device=dev),
+            out_tok=torch.full((batch, max(self.max_new, 1)), self.pad_id, dtype=torch.long, device=dev),
+            out_lp=torch.zeros(batch, max(self.max_new, 1), dtype=torch.float32, device=dev),
+        )
+
+    def _reset_counters(self, ws: _Workspace) -> None:
+        ws.idx.zero_()
+        ws.t.zero_()
+        ws.tok.fill_(self.pad_id)
+        ws.pos.zero_()
+        ws.finished.fill_(False)
+
+    def _capture_or_fall_back(self, ws: _Workspace, lc: int):
+        try:
+            return self._capture(ws, lc)
+        except Exception as exc:  # noqa: BLE001 - compiler trouble must not take the engine down
+            if not self.inductor:
+                raise
+            log.warning("Inductor decode step failed (%s); falling back to eager CUDA graphs", exc)
+            self.inductor = False
+            self._step_fn = DecodeStep(self.model, self.sampling, self.pad_id, self.stop_on_eos)
+            for other in self._workspaces.values():
+                other.graphs.clear()
+            return self._capture(ws, lc)
+
+    def _capture(self, ws: _Workspace, lc: int):
+        """Record one decode step as a CUDA graph. Runs before prefill: the warm-up steps write
+        garbage only into slots that prefill or later steps overwrite before anyone reads them."""
+        args = ws.step_args(lc, self.eos)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # first call compiles (Inductor) and initialises cuBLAS
+                self._reset_counters(ws)
+                self._step_fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        self._reset_counters(ws)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step_fn(*args)
+        log.debug("captured decode graph batch=%d len=%d", ws.batch, lc)
+        return graph
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """The compiled step sees a few shapes (batch 1, other batches, several chunk lengths) and
+    several model instances in one process (tests, benchmarks); the default limit of 8
+    recompiles per function would silently fall back to eager code."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name) and getattr(dynamo_config, name) < limit:
+            setattr(dynamo_config, name, limit)
