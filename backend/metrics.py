@@ -20,6 +20,9 @@ from egm.runs import RunStore
 from egm.stats import StatsStore, parse_field
 
 HISTOGRAMS = {"egm_batch_size", "egm_gpu_seconds", "egm_end_to_end_seconds"}
+#: current figures that go down as well as up (an updated or deleted annotation replaces
+#: what it contributed, egm/export/live.py): rendered as gauges under their stored name.
+GAUGES = {"egm_corrections_total", "egm_correction_iou_sum", "egm_correction_annotations_total"}
 DESCRIPTIONS = {
     "egm_jobs_total": "Batch jobs finished by workers.",
     "egm_tasks_total": "Tasks finished by workers, by status.",
@@ -29,8 +32,10 @@ DESCRIPTIONS = {
     "egm_batch_size": "Tasks per batch job.",
     "egm_gpu_seconds": "Engine time per batch job.",
     "egm_end_to_end_seconds": "Time from enqueue to result, per batch job.",
-    "egm_corrections_total": "Predicted boxes by what annotators did with them (accepted, moved, relabeled, deleted, added).",
-    "egm_correction_iou_sum": "Sum of IoU between predicted and final boxes of moved/accepted boxes.",
+    "egm_corrections_total": "Boxes of live annotations started from a prediction, by what the annotator did "
+                             "(accepted, moved, relabeled, deleted, added).",
+    "egm_correction_iou_sum": "Sum of IoU between predicted and final box over accepted, moved and relabeled boxes.",
+    "egm_correction_annotations_total": "Live annotations started from a prediction whose corrections are measured.",
     "egm_annotation_events_total": "Annotation webhook events received.",
 }
 
@@ -70,7 +75,11 @@ class _Collector:
                 hists[base][key]["sum"] = value
         for name, series in sorted(counters.items()):
             label_names = sorted({k for labels, _ in series for k in labels})
-            family = CounterMetricFamily(name.removesuffix("_total"), DESCRIPTIONS.get(name, name), labels=label_names)
+            if name in GAUGES:
+                family = GaugeMetricFamily(name, DESCRIPTIONS.get(name, name), labels=label_names)
+            else:
+                family = CounterMetricFamily(name.removesuffix("_total"), DESCRIPTIONS.get(name, name),
+                                             labels=label_names)
             for labels, value in series:
                 family.add_metric([labels.get(k, "") for k in label_names], value)
             yield family
