@@ -5,15 +5,23 @@ reload the model every job. :class:`BatchWorker` runs jobs in-process and beats
 a short heartbeat from a side thread while a batch runs, so a worker that is
 SIGKILLed is noticed within ``3 * EGM_HEARTBEAT_S + 10`` seconds and its batch
 goes back to the queue (RQ retries abandoned jobs that have retries left).
+
+RQ's work loop quits when Redis goes away mid-job (restart, failover, network).
+:func:`run_worker` keeps the process (and the loaded model) alive instead: it
+waits until Redis answers again and starts a fresh work loop; the interrupted
+batch is re-queued by RQ once its heartbeat has expired.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
+import time
 import uuid
 
+import redis
 from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
@@ -33,6 +41,12 @@ log = logging.getLogger(__name__)
 
 class BatchWorker(SimpleWorker):
     heartbeat_s: int = 5
+    #: set by SIGTERM/SIGINT (RQ's own stop flag misses a stop requested while idle).
+    stop_asked: bool = False
+
+    def handle_warm_shutdown_request(self) -> None:
+        self.stop_asked = True
+        super().handle_warm_shutdown_request()
 
     def get_heartbeat_ttl(self, job: Job) -> int:
         return self.heartbeat_s * 3 + 10
@@ -97,18 +111,64 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     jobs.install(build_runtime(settings, engine, queue, worker_name))
     order = priorities or [Priority.interactive, Priority.bulk]
     BatchWorker.heartbeat_s = settings.heartbeat_s
+    try:
+        return _serve(settings, queue, worker_name, order, engine.name, burst=burst, max_jobs=max_jobs)
+    finally:
+        engine.close()
+
+
+def _new_worker(settings: Settings, queue: QueueClient, name: str, order: list[Priority]) -> BatchWorker:
     maintenance_s = max(5, settings.heartbeat_s * 3)
-    worker = BatchWorker(
-        [queue.queues[p] for p in order], connection=queue.redis, name=worker_name,
+    return BatchWorker(
+        [queue.queues[p] for p in order], connection=queue.redis, name=name,
         serializer=JSONSerializer, default_result_ttl=settings.result_ttl_s,
         maintenance_interval=maintenance_s, job_monitoring_interval=settings.heartbeat_s,
         # RQ's dequeue timeout is worker_ttl - 15: an idle worker wakes every maintenance period,
         # so maintenance (and with it the late-delivery sweep) runs even when no job arrives.
         worker_ttl=15 + maintenance_s,
     )
-    log.info("worker ready", extra={"worker": worker_name, "queues": [q.name for q in worker.queues],
-                                    "engine": engine.name})
+
+
+def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priority], engine_name: str, *,
+           burst: bool, max_jobs: int | None) -> bool:
+    """RQ's work loop, restarted after Redis outages until a stop is requested."""
+    worked = False
+    while True:
+        worker = _new_worker(settings, queue, name, order)
+        log.info("worker ready", extra={"worker": name, "queues": [q.name for q in worker.queues],
+                                        "engine": engine_name})
+        try:
+            worked = worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level.upper()) or worked
+            if worker.stop_asked or burst or max_jobs is not None:
+                return worked
+            log.error("worker loop ended unexpectedly; restarting it once Redis answers", extra={"worker": name})
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if worker.stop_asked:
+                return worked
+            log.error("lost Redis; waiting for it", extra={"worker": name, "error": str(exc)})
+        if not _wait_for_redis(queue.redis):
+            return worked
+        try:
+            worker.teardown()  # the old loop could not: free the name, stop its pub/sub thread
+        except redis.RedisError:
+            pass
+
+
+def _wait_for_redis(connection: redis.Redis, max_delay_s: float = 10.0) -> bool:
+    """Block until Redis answers (True) or SIGTERM/SIGINT arrives (False)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level.upper())
+        delay = 0.5
+        while not stop.wait(delay):
+            try:
+                if connection.ping():
+                    log.info("Redis is back; resuming")
+                    return True
+            except redis.RedisError:
+                pass
+            delay = min(delay * 2, max_delay_s)
+        return False
     finally:
-        engine.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
