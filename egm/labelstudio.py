@@ -450,7 +450,7 @@ class LabelStudioClient:
     # ----------------------------------------------------------------- tasks
 
     def iter_tasks(self, project_id: int, view_id: int | None = None, filters: dict[str, Any] | None = None,
-                   page_size: int = 500) -> Iterator[TaskRecord]:
+                   page_size: int = 500, columns: Iterable[str] = ()) -> Iterator[TaskRecord]:
         """Every task of a project (or of one of its Data Manager views), with a light payload.
 
         Tasks come in id order, paged by id (``id > last seen``) whenever the filters allow
@@ -463,7 +463,8 @@ class LabelStudioClient:
         Each task carries its predictions' ``model_versions`` and annotation counters but
         not the prediction/annotation bodies. Note: in a project whose setting "retrieve
         predictions when loading a task automatically" is on, Label Studio calls the ML
-        backend for listed tasks that have no prediction yet.
+        backend for listed tasks that have no prediction yet. ``columns`` names extra Data
+        Manager columns to compute (e.g. ``predictions_score``; read them from ``TaskRecord.raw``).
         """
         base_filters = None
         if view_id is not None:
@@ -472,7 +473,8 @@ class LabelStudioClient:
                 raise LabelStudioError(f"Label Studio view {view_id} does not belong to project {project_id}")
             base_filters = (view.get("data") or {}).get("filters")
         merged = _merge_filters(base_filters, filters)
-        query: dict[str, Any] = {"ordering": ["tasks:id"], "hiddenColumns": self._hidden_columns(project_id)}
+        query: dict[str, Any] = {"ordering": ["tasks:id"],
+                                 "hiddenColumns": self._hidden_columns(project_id, columns)}
         keyset = merged is None or merged.get("conjunction", "and") == "and"
         last_id, page = 0, 1
         while True:
@@ -498,10 +500,11 @@ class LabelStudioClient:
             last_id = int(tasks[-1]["id"])
             page += 1
 
-    def _hidden_columns(self, project_id: int) -> dict[str, list[str]]:
-        """Hide every Data Manager column but the model versions, so only that aggregate is computed."""
+    def _hidden_columns(self, project_id: int, extra: Iterable[str] = ()) -> dict[str, list[str]]:
+        """Hide every Data Manager column but the model versions (and ``extra``), so only those aggregates
+        are computed."""
         columns = self.request_json("GET", "/api/dm/columns/", params={"project": int(project_id)})
-        keep = {"predictions_model_versions"}
+        keep = {"predictions_model_versions", *extra}
         hidden = []
         for column in (columns or {}).get("columns", []):
             cid = column.get("id")
