@@ -1,8 +1,19 @@
 """Bulk runs: progress counters and the failed-task list, readable by any process.
 
-A run is one ``egm-assist prelabel`` invocation (or its resumption). Workers
-update the counters after each batch; ``egm-assist status RUN``, the CLI's
-progress bar and ``/metrics`` read them.
+A run is one ``egm-assist prelabel`` source (a Label Studio project/view, a folder
+or a manifest) at one ``model_version``; re-running the same command resumes it.
+Workers update the run after each batch; ``egm-assist status RUN``, the CLI's
+progress bar and ``/metrics`` read it.
+
+Every task has one status in ``run:<id>:seen`` (``queued``, ``ok``, ``cached``,
+``failed``, ``retrying``, ``skipped``) and the counters are moved by a Lua script from the old
+status to the new one, so a batch that runs twice (a retry after a worker died)
+never double counts, and recording a batch costs O(batch), not O(run).
+
+Keys (all under ``<prefix>:run:<id>``): the hash itself (meta and counters),
+``:seen``, ``:failed`` (task -> JSON reason), ``:assign`` (task -> job id of its
+latest batch), ``:finished`` (list of finished job ids, in order), ``:spec``
+(what the CLI needs to resume or retry the run), ``:lock`` (one planner at a time).
 """
 
 from __future__ import annotations
@@ -10,12 +21,45 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 import redis
 
-from egm.contract import BatchJob, BatchResult, redis_key
+from egm.contract import BatchJob, BatchResult, TaskResult, redis_key
 
 RUN_TTL_S = 30 * 24 * 3600
+STATUSES = ("queued", "ok", "cached", "failed", "retrying", "skipped")
+
+# KEYS: seen hash, run hash. ARGV: ttl, mode ("set" | "skip"), then task/status pairs.
+# "skip" never demotes a task that already succeeded in this run.
+_RECORD_LUA = """
+local changed = 0
+for i = 3, #ARGV, 2 do
+  local task, status = ARGV[i], ARGV[i + 1]
+  local old = redis.call('HGET', KEYS[1], task)
+  local keep = ARGV[2] == 'skip' and (old == 'ok' or old == 'cached')
+  if old ~= status and not keep then
+    redis.call('HSET', KEYS[1], task, status)
+    if old then redis.call('HINCRBY', KEYS[2], 'n_' .. old, -1) end
+    redis.call('HINCRBY', KEYS[2], 'n_' .. status, 1)
+    changed = changed + 1
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'updated_at', redis.call('TIME')[1])
+return changed
+"""
+
+
+def task_key(task_id: int | None, ref: str | None) -> str:
+    """How a run names a task: its Label Studio id, else its reference (path, URL, manifest key)."""
+    return str(task_id) if task_id is not None else str(ref)
+
+
+def result_status(result: TaskResult) -> str:
+    if result.status != "ok":
+        return "failed"
+    return "cached" if result.cached else "ok"
 
 
 @dataclass
@@ -27,107 +71,223 @@ class RunProgress:
     failed: int = 0
     cached: int = 0
     skipped: int = 0
+    retrying: int = 0
+    #: enqueued and not finished yet.
+    queued: int = 0
     state: str = "unknown"
     started_at: float = 0.0
     updated_at: float = 0.0
     model_version: str = ""
     source: str = ""
+    #: when this invocation (re)started the run, and how many tasks were resolved then (for the rate).
+    resumed_at: float = 0.0
+    resolved_at_resume: int = 0
 
     @property
     def finished(self) -> int:
         return self.done + self.failed
 
     @property
+    def resolved(self) -> int:
+        """Tasks that need nothing more: predicted, failed for good or skipped."""
+        return self.done + self.failed + self.skipped
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.resolved)
+
+    @property
     def rate(self) -> float:
-        elapsed = max(1e-6, (self.updated_at or time.time()) - self.started_at)
-        return self.finished / elapsed if self.started_at else 0.0
+        """Tasks per second since this invocation started."""
+        start = self.resumed_at or self.started_at
+        if not start:
+            return 0.0
+        elapsed = max(1e-6, (self.updated_at or time.time()) - start)
+        return max(0, self.resolved - self.resolved_at_resume) / elapsed
 
     @property
     def eta_s(self) -> float | None:
-        left = self.enqueued - self.finished
-        return left / self.rate if self.rate > 0 and left >= 0 else None
+        return self.remaining / self.rate if self.rate > 0 else None
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out.update(finished=self.finished, resolved=self.resolved, remaining=self.remaining,
+                   rate=round(self.rate, 3), eta_s=None if self.eta_s is None else round(self.eta_s, 1))
+        return out
 
 
 class RunStore:
     def __init__(self, connection: redis.Redis, prefix: str) -> None:
         self.redis = connection
         self.prefix = prefix
+        self._record = connection.register_script(_RECORD_LUA)
 
     def key(self, run_id: str, *parts: str) -> str:
         return redis_key(self.prefix, "run", run_id, *parts)
 
-    def create(self, run_id: str, *, total: int, model_version: str, source: str) -> None:
+    # -- lifecycle -------------------------------------------------------------------
+    def create(self, run_id: str, *, total: int, model_version: str, source: str, spec: dict | None = None) -> None:
+        """Start or resume a run: state ``running``, this invocation's counters reset."""
         now = time.time()
-        mapping = {"total": total, "model_version": model_version, "source": source, "updated_at": now}
+        resolved = self.progress(run_id)
+        mapping = {"total": total, "model_version": model_version, "source": source, "updated_at": now,
+                   "resumed_at": now, "resolved_at_resume": resolved.resolved if resolved else 0,
+                   "enqueued": 0, "state": "running"}
         with self.redis.pipeline() as pipe:
             pipe.hsetnx(self.key(run_id), "started_at", now)
             pipe.hset(self.key(run_id), mapping=mapping)
-            pipe.hset(self.key(run_id), "state", "running")
             pipe.sadd(redis_key(self.prefix, "runs"), run_id)
             pipe.expire(self.key(run_id), RUN_TTL_S)
+            if spec is not None:
+                pipe.set(self.key(run_id, "spec"), json.dumps(spec), ex=RUN_TTL_S)
             pipe.execute()
 
+    def set_total(self, run_id: str, total: int) -> None:
+        self.redis.hset(self.key(run_id), mapping={"total": total, "updated_at": time.time()})
+
     def add_enqueued(self, run_id: str, n: int, skipped: int = 0) -> None:
-        with self.redis.pipeline() as pipe:
-            pipe.hincrby(self.key(run_id), "enqueued", n)
-            pipe.hincrby(self.key(run_id), "skipped", skipped)
-            pipe.execute()
+        self.redis.hincrby(self.key(run_id), "enqueued", n)
 
     def set_state(self, run_id: str, state: str) -> None:
         self.redis.hset(self.key(run_id), mapping={"state": state, "updated_at": time.time()})
 
-    def record(self, job: BatchJob, result: BatchResult) -> None:
-        """Count a finished batch. A task counts once even if its batch ran twice (retry after a crash)."""
+    def state(self, run_id: str) -> str | None:
+        raw = self.redis.hget(self.key(run_id), "state")
+        return raw.decode() if raw else None
+
+    def is_cancelled(self, run_id: str | None) -> bool:
+        return bool(run_id) and self.state(run_id) == "cancelled"
+
+    def spec(self, run_id: str) -> dict | None:
+        raw = self.redis.get(self.key(run_id, "spec"))
+        return json.loads(raw) if raw else None
+
+    # -- per-task status ----------------------------------------------------------------
+    def mark(self, run_id: str, statuses: dict[str, str], *, skip_mode: bool = False) -> int:
+        """Set task statuses (moving the counters); returns how many changed."""
+        if not statuses:
+            return 0
+        args: list[str | int] = [RUN_TTL_S, "skip" if skip_mode else "set"]
+        for task, status in statuses.items():
+            if status not in STATUSES:
+                raise ValueError(f"unknown task status {status!r}")
+            args.extend((task, status))
+        return int(self._record(keys=[self.key(run_id, "seen"), self.key(run_id)], args=args))
+
+    def mark_skipped(self, run_id: str, task_keys: Iterable[str]) -> int:
+        """Tasks that already have a prediction of this run's model_version (kept ``ok`` if this run made it)."""
+        return self.mark(run_id, {k: "skipped" for k in task_keys}, skip_mode=True)
+
+    def statuses(self, run_id: str, task_keys: list[str] | None = None) -> dict[str, str]:
+        """Status of the given tasks (all tasks of the run when ``None``); unknown tasks are absent."""
+        seen = self.key(run_id, "seen")
+        if task_keys is None:
+            return {k.decode(): v.decode() for k, v in self.redis.hgetall(seen).items()}
+        if not task_keys:
+            return {}
+        values = self.redis.hmget(seen, task_keys)
+        return {k: v.decode() for k, v in zip(task_keys, values) if v is not None}
+
+    def record(self, job: BatchJob, result: BatchResult, retrying: Iterable[str] = ()) -> None:
+        """Count a finished batch. ``retrying``: task keys of failures scheduled for another try."""
         if not job.run_id:
             return
-        run = job.run_id
-        seen_key = self.key(run, "seen")
-        with self.redis.pipeline() as pipe:
-            for r in result.results:
-                task_key = str(r.task_id if r.task_id is not None else r.ref)
-                pipe.hset(seen_key, task_key, r.status)
-            pipe.expire(seen_key, RUN_TTL_S)
-            pipe.execute()
-        done = failed = cached = 0
-        failed_items = {}
+        run, retry = job.run_id, set(retrying)
+        images = {task_key(t.task_id, t.ref): t.image for t in job.tasks}
+        statuses: dict[str, str] = {}
+        failed_items: dict[str, str] = {}
         for r in result.results:
-            if r.status == "ok":
-                done += 1
-                cached += int(r.cached)
-            else:
-                failed += 1
-                failed_items[str(r.task_id if r.task_id is not None else r.ref)] = json.dumps(
-                    {"task_id": r.task_id, "ref": r.ref, "error": r.error, "kind": r.error_kind,
-                     "image": next((t.image for t in job.tasks
-                                    if t.task_id == r.task_id and t.ref == r.ref), None)})
-        ok_keys = [str(r.task_id if r.task_id is not None else r.ref) for r in result.results if r.status == "ok"]
-        with self.redis.pipeline() as pipe:
-            if ok_keys:
-                pipe.hdel(self.key(run, "failed"), *ok_keys)
+            key = task_key(r.task_id, r.ref)
+            status = "retrying" if key in retry and r.status != "ok" else result_status(r)
+            statuses[key] = status
+            if status == "failed":
+                failed_items[key] = json.dumps({"task_id": r.task_id, "ref": r.ref, "error": r.error,
+                                                "kind": r.error_kind, "image": images.get(key),
+                                                "job_id": job.job_id, "at": time.time()})
+        cleared = [k for k, s in statuses.items() if s != "failed"]
+        self.mark(run, statuses)
+        with self.redis.pipeline(transaction=False) as pipe:
+            if cleared:
+                pipe.hdel(self.key(run, "failed"), *cleared)
             if failed_items:
                 pipe.hset(self.key(run, "failed"), mapping=failed_items)
                 pipe.expire(self.key(run, "failed"), RUN_TTL_S)
+            pipe.rpush(self.key(run, "finished"), job.job_id)
+            pipe.expire(self.key(run, "finished"), RUN_TTL_S)
             pipe.execute()
-        # Recompute totals from the per-task map so a retried batch never double counts.
-        statuses = self.redis.hvals(seen_key)
-        n_ok = sum(s == b"ok" for s in statuses)
-        self.redis.hset(self.key(run), mapping={"done": n_ok, "failed": len(statuses) - n_ok,
-                                                "updated_at": time.time()})
-        if cached:
-            self.redis.hincrby(self.key(run), "cached", cached)
 
+    def record_failure(self, run_id: str, items: list[dict]) -> None:
+        """Fail tasks outside a worker (a batch job RQ gave up on): ``{task_id, ref, error, kind, image}``."""
+        if not items:
+            return
+        failed = {task_key(i.get("task_id"), i.get("ref")): json.dumps({**i, "at": time.time()}) for i in items}
+        self.mark(run_id, {k: "failed" for k in failed})
+        self.redis.hset(self.key(run_id, "failed"), mapping=failed)
+        self.redis.expire(self.key(run_id, "failed"), RUN_TTL_S)
+
+    def mark_queued(self, run_id: str, task_keys: list[str]) -> None:
+        """Tasks just enqueued: pending again, whatever they were (a retried failure is no longer failed)."""
+        if task_keys:
+            self.mark(run_id, {k: "queued" for k in task_keys})
+            self.redis.hdel(self.key(run_id, "failed"), *task_keys)
+
+    # -- batches ------------------------------------------------------------------------
+    def assign(self, run_id: str, job: BatchJob) -> None:
+        """Remember which job carries each task (written before the job is enqueued)."""
+        mapping = {task_key(t.task_id, t.ref): job.job_id for t in job.tasks}
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.key(run_id, "assign"), mapping=mapping)
+            pipe.expire(self.key(run_id, "assign"), RUN_TTL_S)
+            pipe.execute()
+
+    def assignments(self, run_id: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key(run_id, "assign")).items()}
+
+    def finished_jobs(self, run_id: str, start: int = 0) -> list[str]:
+        """Finished job ids from position ``start`` of the run's log (read it incrementally)."""
+        return [j.decode() for j in self.redis.lrange(self.key(run_id, "finished"), start, -1)]
+
+    # -- reading ------------------------------------------------------------------------
     def progress(self, run_id: str) -> RunProgress | None:
         raw = self.redis.hgetall(self.key(run_id))
         if not raw:
             return None
         d = {k.decode(): v.decode() for k, v in raw.items()}
-        ints = {k: int(float(d.get(k, 0))) for k in ("total", "enqueued", "done", "failed", "cached", "skipped")}
-        return RunProgress(run_id=run_id, **ints, state=d.get("state", "unknown"),
-                           started_at=float(d.get("started_at", 0)), updated_at=float(d.get("updated_at", 0)),
-                           model_version=d.get("model_version", ""), source=d.get("source", ""))
+
+        def n(name: str) -> int:
+            return int(float(d.get(name, 0) or 0))
+
+        return RunProgress(
+            run_id=run_id, total=n("total"), enqueued=n("enqueued"), done=n("n_ok") + n("n_cached"),
+            failed=n("n_failed"), cached=n("n_cached"), skipped=n("n_skipped"), retrying=n("n_retrying"),
+            queued=n("n_queued"),
+            state=d.get("state", "unknown"), started_at=float(d.get("started_at", 0)),
+            updated_at=float(d.get("updated_at", 0)), model_version=d.get("model_version", ""),
+            source=d.get("source", ""), resumed_at=float(d.get("resumed_at", 0) or 0),
+            resolved_at_resume=n("resolved_at_resume"))
 
     def failed(self, run_id: str) -> list[dict]:
-        return [json.loads(v) for v in self.redis.hvals(self.key(run_id, "failed"))]
+        items = [json.loads(v) for v in self.redis.hvals(self.key(run_id, "failed"))]
+        return sorted(items, key=lambda i: (i.get("task_id") is None, i.get("task_id") or 0, i.get("ref") or ""))
 
     def runs(self) -> list[str]:
         return sorted(x.decode() for x in self.redis.smembers(redis_key(self.prefix, "runs")))
+
+    # -- one planner at a time ----------------------------------------------------------------
+    def acquire_lock(self, run_id: str, owner: str, ttl_s: int = 120) -> bool:
+        return bool(self.redis.set(self.key(run_id, "lock"), owner, nx=True, ex=ttl_s))
+
+    def refresh_lock(self, run_id: str, owner: str, ttl_s: int = 120) -> bool:
+        key = self.key(run_id, "lock")
+        if self.redis.get(key) != owner.encode():
+            return False
+        return bool(self.redis.expire(key, ttl_s))
+
+    def release_lock(self, run_id: str, owner: str) -> None:
+        key = self.key(run_id, "lock")
+        if self.redis.get(key) == owner.encode():
+            self.redis.delete(key)
+
+    def lock_owner(self, run_id: str) -> str | None:
+        raw = self.redis.get(self.key(run_id, "lock"))
+        return raw.decode() if raw else None

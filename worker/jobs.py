@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from egm.contract import BatchJob, BatchResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
+from egm.runs import RunStore
 from worker.delivery import LabelStudioWriter
 from worker.pipeline import BatchProcessor
 
@@ -45,6 +46,9 @@ def runtime() -> Runtime:
 def run_batch(payload: dict) -> dict:
     rt = runtime()
     job = BatchJob.model_validate(payload)
+    if job.run_id and RunStore(rt.queue.redis, rt.queue.prefix).is_cancelled(job.run_id):
+        log.info("batch skipped: its run was cancelled", extra={"job_id": job.job_id, "run_id": job.run_id})
+        return {"job_id": job.job_id, "ok": 0, "failed": 0, "written": 0, "cancelled": True}
     result = rt.processor.process(job)
     stats = rt.processor.last_stats
     rt.queue.store_result(result)
