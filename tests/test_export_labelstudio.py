@@ -42,7 +42,8 @@ from egm.queries import build_queries
 from egm.queue import QueueClient
 from tests.fixtures.labelstudio import StubMLBackend
 from tests.images_factory import make_upright_jpeg
-from tests.stack import SAMPLES
+from egm import processes
+from tests.stack import SAMPLES, spawn_worker
 from worker.delivery import LabelStudioWriter
 from worker.engines.scripted import ScriptedEngine
 from worker.pipeline import BatchProcessor
@@ -257,6 +258,31 @@ def test_export_filters(label_studio, settings, tmp_path):
     other = _export(settings, pid, tmp_path / "other", "--model-version", "someone-else")
     assert other["tasks"]["exported"] == 0 and other["annotations"]["by_status"]["filtered_model_version"] == 3
     assert other["corrections"]["overall"]["predicted"] == 0
+
+
+def test_corrected_samples_get_worker_rationales_that_agree_with_the_human(label_studio, settings, tmp_path):
+    """``--corrected-reasoning rationale``: a real worker process writes rationales; one whose own
+    answer disagrees with the human's box is thrown away (that sample stays answer-only)."""
+    built = build_project(label_studio, settings)
+    tasks = built["tasks"]
+    # the scripted model always answers the box the annotator moved t2's Person to
+    response = ("The {label} is where the hint says, left of the centre.\n</think>\n\n```json\n"
+                "[{{\"bbox_2d\": [150, 150, 450, 900], \"label\": \"{label}\"}}]\n```")
+    worker = spawn_worker(settings, tmp_path / "worker.log", EGM_SCRIPTED_RESPONSE=response)
+    try:
+        report = _export(settings, built["project"], tmp_path / "out", "--format", "sft", "--val-fraction", "0",
+                         "--corrected-reasoning", "rationale", "--rationale-timeout", "120")
+    finally:
+        processes.stop(worker)
+    assert report["samples"]["reasoning"] == {"model": 3, "rationale": 1, "none": 3}
+    answers = {}
+    for row in _jsonl(tmp_path / "out" / "sft" / "train.jsonl"):
+        label = row["conversations"][0]["value"].split("Locate ", 1)[1].split(",", 1)[0]
+        answers[(int(row["id"].split("-")[0].removeprefix("task")), label)] = row["conversations"][1]["value"]
+    assert answers[(tasks["t2"], "Person")].startswith("The Person is where the hint says, left of the centre.\n"
+                                                       "</think>\n\n```json\n[\n\t{\"bbox_2d\": [150, 150, 450, 900]")
+    assert answers[(tasks["t2"], "Animal")].startswith("\n</think>")  # the model's box is not the human's
+    assert answers[(tasks["t1"], "Person")].startswith(REASONING)
 
 
 # --------------------------------------------------------------------------- live figures from webhooks

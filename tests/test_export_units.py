@@ -298,3 +298,17 @@ def test_report_json_and_png(tmp_path):
     (tmp_path / "empty").mkdir()
     _, empty_png = write_report({"corrections": Tally().as_dict()}, tmp_path / "empty")
     assert empty_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_worker_rationale_is_kept_only_when_its_answer_agrees():
+    from egm.export.rationale import rationale_prompt, usable_rationale
+
+    s = sample(query="the man in red")
+    prompt = rationale_prompt(s)
+    assert prompt.startswith("Locate the man in red, output its bbox coordinates using JSON format.")
+    assert '[100, 200, 300, 400]' in prompt
+    agree = 'He wears red.\n</think>\n\n```json\n[{"bbox_2d": [102, 198, 301, 405]}]\n```'
+    disagree = 'He wears red.\n</think>\n\n```json\n[{"bbox_2d": [600, 600, 700, 700]}]\n```'
+    assert usable_rationale(agree, s) == "He wears red."
+    assert usable_rationale(disagree, s) is None
+    assert usable_rationale('</think>\n[100, 200, 300, 400]', s) is None  # no reasoning to keep
