@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 
 from config.settings import Settings
-from egm.confidence import box_scores, task_score
+from egm.active_learning import prediction_score, samples_agreement
+from egm.confidence import box_scores
 from egm.contract import BatchJob, BatchResult, BoxResult, LabelTarget, Query, TaskJob, TaskResult
 from egm.geometry import grid_to_pixels
 from egm.ls_results import build_result
@@ -31,6 +32,8 @@ class QueryOutcome:
     scores: list[float | None] = field(default_factory=list)
     error: str | None = None
     cached: bool = False
+    #: extra answers for the samples-agreement score (EGM_UNCERTAINTY=samples|both).
+    samples: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,45 +77,64 @@ class BatchProcessor:
                            results=results)
 
     # -- queries: cache first, then one engine call for all misses -------------
+    def _samples_per_query(self) -> int:
+        """K answers per query when the uncertainty score compares samples, else 1."""
+        if self.settings.uncertainty not in ("samples", "both"):
+            return 1
+        return max(1, self.settings.uncertainty_samples)
+
     def _run_queries(self, job: BatchJob, images: list, stats: BatchStats) -> dict[int, list[QueryOutcome]]:
+        k = self._samples_per_query()
         outcomes: dict[int, list[QueryOutcome]] = {}
-        pending: list[tuple[int, int, str]] = []  # (task index, query index, cache key)
+        pending: list[tuple[int, int, list[str]]] = []  # (task index, query index, cache keys: answer + samples)
         for i, (task, image) in enumerate(zip(job.tasks, images)):
             if isinstance(image, ImageLoadError):
                 continue
             outcomes[i] = [QueryOutcome(query=q) for q in task.queries]
             for j, q in enumerate(task.queries):
-                key = self.cache.key(image.sha256, q.text, job.model_version) if self.cache else ""
-                pending.append((i, j, key))
+                keys = ([self.cache.key(image.sha256, q.text, job.model_version)]
+                        + [self.cache.key(image.sha256, q.text, f"{job.model_version}#sample{n}") for n in range(1, k)]
+                        if self.cache else [""] * k)
+                pending.append((i, j, keys))
 
-        cached = self.cache.get_many([k for _, _, k in pending]) if self.cache else [None] * len(pending)
+        flat = [key for _, _, keys in pending for key in keys]
+        hits = self.cache.get_many(flat) if self.cache else [None] * len(flat)
         misses = []
-        for (i, j, key), hit in zip(pending, cached):
-            if hit is not None:
+        for n, (i, j, keys) in enumerate(pending):
+            found = hits[n * k:(n + 1) * k]
+            if all(h is not None for h in found):  # a query is cached only with all its samples
                 o = outcomes[i][j]
-                o.text, o.scores, o.cached = hit.text, hit.box_scores, True
+                o.text, o.scores, o.cached = found[0].text, found[0].box_scores, True
+                o.samples = [h.text for h in found[1:]]
                 stats.cached_queries += 1
             else:
-                misses.append((i, j, key))
+                misses.append((i, j, keys))
 
         to_store: dict[str, CachedOutput] = {}
         for chunk_start in range(0, len(misses), max(1, self.settings.batch_size)):
             chunk = misses[chunk_start:chunk_start + max(1, self.settings.batch_size)]
+            # K copies of each request: the first is the kept answer, the others are compared with it.
             requests = [EngineRequest(image=images[i].image, prompt=outcomes[i][j].query.text,
-                                      request_id=f"{job.job_id}:{i}:{j}") for i, j, _ in chunk]
+                                      request_id=f"{job.job_id}:{i}:{j}" + (f":s{n}" if n else ""))
+                        for i, j, _ in chunk for n in range(k)]
             t0 = time.perf_counter()
             outputs = self.engine.generate(requests)
             stats.gpu_seconds += time.perf_counter() - t0
             stats.engine_queries += len(requests)
-            for (i, j, key), out in zip(chunk, outputs):
+            for m, (i, j, keys) in enumerate(chunk):
+                out, extra = outputs[m * k], outputs[m * k + 1:(m + 1) * k]
                 o = outcomes[i][j]
                 if out.error:
                     o.error = out.error
                     continue
                 o.text = out.text
                 o.scores = box_scores(parse_completion(out.text), out.tokens, out.logprobs)
-                if key:
-                    to_store[key] = CachedOutput(text=o.text, box_scores=o.scores)
+                o.samples = _sample_texts(out, extra, k - 1)
+                if keys[0]:
+                    to_store[keys[0]] = CachedOutput(text=o.text, box_scores=o.scores)
+                    if len(o.samples) == k - 1:
+                        to_store.update({key: CachedOutput(text=t, box_scores=[])
+                                         for key, t in zip(keys[1:], o.samples)})
         if self.cache:
             self.cache.put_many(to_store)
         return outcomes
@@ -153,10 +175,16 @@ class BatchProcessor:
         worst = _worst_status(statuses)
         return TaskResult(
             **base, status="ok", reasoning=reasoning, boxes=boxes, parse_status=worst.value,
-            width=image.width, height=image.height, score=task_score([b.score for b in boxes]),
+            width=image.width, height=image.height, score=self._score(boxes, outcomes),
             ls_result=build_result(boxes, target, image.width, image.height, reasoning),
             completions=completions, cached=all(o.cached for o in outcomes),
         )
+
+    def _score(self, boxes: list[BoxResult], outcomes: list[QueryOutcome]) -> float | None:
+        """The prediction's score (higher = surer); see egm.active_learning for the formula."""
+        per_query = [[[pb.box for pb in parse_completion(t).boxes] for t in [o.text, *o.samples]]
+                     for o in outcomes if o.text is not None and o.samples]
+        return prediction_score([b.score for b in boxes], samples_agreement(per_query), self.settings.uncertainty)
 
     def _boxes(self, parsed: ParsedCompletion, outcome: QueryOutcome, target: LabelTarget,
                image: LoadedImage) -> list[BoxResult]:
@@ -177,6 +205,14 @@ class BatchProcessor:
 
 
 _SEVERITY = [ParseStatus.ok, ParseStatus.no_boxes, ParseStatus.repaired, ParseStatus.unparseable]
+
+
+def _sample_texts(out, extra_outputs: list, wanted: int) -> list[str]:
+    """Up to ``wanted`` extra answers: those the engine sampled itself (``extra["samples"]``), then the
+    answers to the repeated requests."""
+    texts = [s.get("text") for s in (out.extra or {}).get("samples", []) if isinstance(s, dict)]
+    texts += [e.text for e in extra_outputs if not e.error]
+    return [t for t in texts if isinstance(t, str)][:wanted]
 
 
 def _worst_status(statuses: list[ParseStatus]) -> ParseStatus:
