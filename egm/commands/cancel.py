@@ -1,0 +1,32 @@
+"""``egm-assist cancel RUN``: stop a bulk run cleanly."""
+
+from __future__ import annotations
+
+import sys
+
+from egm.commands._common import settings_from_flags
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cancel", help="cancel a bulk run: its queued batches are dropped, workers skip the rest")
+    p.add_argument("run", help="run id (see `egm-assist status`)")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args) -> int:
+    from egm.bulk.jobs import cancel_run
+    from egm.queue import QueueClient
+    from egm.runs import RunStore
+
+    settings = settings_from_flags()
+    queue = QueueClient(settings)
+    runs = RunStore(queue.redis, queue.prefix)
+    if runs.progress(args.run) is None:
+        print(f"error: no run {args.run!r} (see `egm-assist status`)", file=sys.stderr)
+        return 2
+    report = cancel_run(queue, args.run)
+    progress = runs.progress(args.run)
+    print(f"run {args.run} cancelled: {report['jobs_cancelled']} queued batches dropped, "
+          f"{report['retries_dropped']} pending retries dropped; {progress.done} tasks were predicted. "
+          f"Batches already running finish. Resume later with the same prelabel command.")
+    return 0

@@ -1,0 +1,51 @@
+"""``egm-assist retry RUN``: run a bulk run's failed tasks again (and anything left undone)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from egm.commands._common import settings_from_flags
+
+
+def register(sub) -> None:
+    p = sub.add_parser("retry", help="retry the failed tasks of a bulk run")
+    p.add_argument("run", help="run id (see `egm-assist status`)")
+    p.add_argument("--local-workers", type=int, default=0, help="start N workers for this command")
+    p.add_argument("--no-wait", action="store_true", help="enqueue and return")
+    p.add_argument("--timeout", type=float, help="stop following after this many seconds")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args) -> int:
+    from egm.bulk.progress import ProgressPrinter
+    from egm.bulk.runner import BulkRun
+    from egm.bulk.session import EXIT_USAGE, DriveOptions, drive
+    from egm.bulk.spec import RunSpec
+    from egm.queue import QueueClient
+    from egm.runs import RunStore
+
+    settings = settings_from_flags()
+    queue = QueueClient(settings)
+    raw = RunStore(queue.redis, queue.prefix).spec(args.run)
+    if raw is None:
+        print(f"error: no run {args.run!r} with a stored spec (see `egm-assist status`)", file=sys.stderr)
+        return EXIT_USAGE
+    spec = RunSpec.model_validate(raw)
+    client = None
+    options = DriveOptions(wait=not args.no_wait, timeout_s=args.timeout, retry_failed=True, as_json=args.json,
+                           local_workers=args.local_workers)
+    if spec.kind == "label_studio":
+        from egm.labelstudio import LabelStudioClient
+
+        if settings.label_studio_api_key is None:
+            print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to retry a Label Studio run", file=sys.stderr)
+            return EXIT_USAGE
+        client = LabelStudioClient.from_settings(settings)
+    else:
+        options.worker_env["EGM_LOCAL_FILES_ROOT"] = spec.files_root
+        options.log_dir = Path(spec.out_dir) / "logs"
+    printer = ProgressPrinter(enabled=not args.quiet)
+    return drive(BulkRun(settings, spec, client=client, queue=queue, printer=printer), options, printer)

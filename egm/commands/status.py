@@ -1,0 +1,105 @@
+"""``egm-assist status [RUN]``: progress of bulk runs, their failed tasks, queues and workers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from egm.commands._common import settings_from_flags
+
+
+def register(sub) -> None:
+    p = sub.add_parser("status", help="progress and failed tasks of bulk runs (any process can read them)")
+    p.add_argument("run", nargs="?", help="run id (from prelabel); without it, list the runs")
+    p.add_argument("--failed", type=int, default=20, metavar="N", help="show up to N failed tasks (default 20)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true", help="follow the run with a progress bar until it ends")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args) -> int:
+    from egm.queue import QueueClient
+    from egm.runs import RunStore
+
+    settings = settings_from_flags()
+    queue = QueueClient(settings)
+    runs = RunStore(queue.redis, queue.prefix)
+    if not args.run:
+        return _list_runs(queue, runs, args)
+    progress = runs.progress(args.run)
+    if progress is None:
+        print(f"error: no run {args.run!r} (see `egm-assist status` for the list)", file=sys.stderr)
+        return 2
+    if args.watch:
+        progress = _watch(runs, args.run)
+    return _show_run(queue, runs, progress, args)
+
+
+def _workers(queue) -> int:
+    from rq import Worker
+
+    return len({w.name for q in queue.queues.values() for w in Worker.all(queue=q)})
+
+
+def _show_run(queue, runs, progress, args) -> int:
+    from egm.bulk.progress import format_duration, render
+    from egm.bulk.retries import RetryScheduler
+    from egm.bulk.session import format_failed, summary_line
+
+    failed = runs.failed(progress.run_id)
+    retrying = RetryScheduler(queue).pending(progress.run_id)
+    if args.json:
+        print(json.dumps({"progress": progress.as_dict(), "failed": failed[:args.failed], "failed_total": len(failed),
+                          "retrying": len(retrying), "queues": queue.depths(), "workers": _workers(queue)},
+                         indent=1))
+        return 0
+    print(f"run {progress.run_id}  [{progress.state}]  {progress.source}  model_version {progress.model_version}")
+    print(f"  {render(progress)}")
+    print(f"  {summary_line(progress)}")
+    if progress.started_at:
+        print(f"  started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(progress.started_at))}, "
+              f"last update {format_duration(time.time() - progress.updated_at)} ago")
+    if retrying:
+        print(f"  {len(retrying)} task(s) waiting for a retry, next in "
+              f"{format_duration(max(0.0, min(retrying.values()) - time.time()))}")
+    if failed:
+        print(f"failed tasks ({len(failed)}):")
+        print("\n".join(format_failed(failed, args.failed)))
+        print(f"retry them: egm-assist retry {progress.run_id}")
+    depths = queue.depths()
+    print("queues: " + ", ".join(f"{name} {d['queued']} queued / {d['started']} running"
+                                 for name, d in depths.items()) + f"; workers: {_workers(queue)}")
+    return 0
+
+
+def _list_runs(queue, runs, args) -> int:
+    items = [p for p in (runs.progress(r) for r in runs.runs()) if p is not None]
+    items.sort(key=lambda p: p.updated_at, reverse=True)
+    if args.json:
+        print(json.dumps({"runs": [p.as_dict() for p in items], "queues": queue.depths(),
+                          "workers": _workers(queue)}, indent=1))
+        return 0
+    if not items:
+        print("no bulk runs yet (start one with `egm-assist prelabel`)")
+    for p in items:
+        print(f"{p.run_id:40} {p.state:10} {p.resolved:>7}/{p.total:<7} failed {p.failed:<5} {p.source}")
+    print(f"workers: {_workers(queue)}")
+    return 0
+
+
+def _watch(runs, run_id: str):
+    from egm.bulk.progress import ProgressPrinter
+
+    printer = ProgressPrinter()
+    try:
+        while True:
+            progress = runs.progress(run_id)
+            printer.update(progress)
+            if progress.state in ("done", "cancelled") or (progress.remaining == 0 and not progress.retrying):
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    printer.close(progress)
+    return progress
