@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--from-predictions", action="store_true",
                    help="only annotations that started from a prediction (parent_prediction)")
     p.add_argument("--model-version", action="append", default=[],
-                   help="only annotations started from a prediction of this model_version (repeatable)")
+                   help="only annotations started from a prediction of this model_version (repeatable); "
+                        "'current' is the model_version this configuration produces")
     p.add_argument("--require-review", choices=["auto", "yes", "no"], default="auto",
                    help="only review-approved annotations: auto = when the export carries review data")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of images in the val split (0.1)")
@@ -46,12 +47,13 @@ def run(args) -> int:
     from egm.labelstudio import LabelStudioClient, LabelStudioError
 
     formats = _formats(args.format)
+    versions = tuple(_resolve_version(v, settings) for v in args.model_version)
     if not 0.0 <= args.val_fraction < 1.0:
         print("error: --val-fraction must be in [0, 1)", file=sys.stderr)
         return 2
     options = ExportOptions(
         project_id=args.project, out_dir=args.out, formats=formats, only_from_predictions=args.from_predictions,
-        model_versions=tuple(args.model_version), require_review=args.require_review,
+        model_versions=versions, require_review=args.require_review,
         val_fraction=args.val_fraction, split_seed=args.split_seed, image_mode=args.images,
         corrected_reasoning=args.corrected_reasoning, rationale_timeout_s=args.rationale_timeout,
         grpo_single_only=args.grpo_single_only, grpo_absolute_paths=args.grpo_absolute_paths)
@@ -63,6 +65,14 @@ def run(args) -> int:
         return 1
     print(json.dumps(_summary(result.report, result.out_dir), indent=2))
     return 0
+
+
+def _resolve_version(value: str, settings) -> str:
+    if value == "current":
+        from egm.versioning import model_version
+
+        return model_version(settings)
+    return value
 
 
 def _formats(chosen: list[str] | None) -> tuple[str, ...]:
