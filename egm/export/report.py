@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.ticker import MaxNLocator
+
 from egm.export.corrections import Tally
 
 COLORS = {"accepted": "#2e7d32", "moved": "#f9a825", "relabeled": "#6a1b9a", "deleted": "#c62828",
@@ -33,7 +35,7 @@ def draw_chart(corrections: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     rows = _rows(corrections)
-    height = max(2.5, 0.45 * len(rows) + 1.6)
+    height = max(2.8, 0.45 * len(rows) + 2.0)
     fig = Figure(figsize=(10, height), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -66,14 +68,17 @@ def _bars(ax, rows: list[tuple[str, dict]]) -> None:
         ax.barh(ys, values, left=left, color=COLORS[kind], label=kind, height=0.6)
         left = [a + b for a, b in zip(left, values)]
     for y, (_, f), end in zip(ys, rows, left):
-        ax.text(end, y, f"  {_pct(f.get('acceptance_rate'))} accepted, IoU {_num(f.get('mean_iou'))}",
-                va="center", fontsize=8)
+        note = (f"  {_pct(f.get('acceptance_rate'))} accepted, IoU {_num(f.get('mean_iou'))}"
+                if f.get("predicted") else "  added by annotators only")
+        ax.text(end, y, note, va="center", fontsize=8)
     ax.set_yticks(ys)
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("boxes")
     ax.set_xlim(0, max(left) * 1.45 + 1)
-    ax.legend(loc="lower right", fontsize=8, ncol=5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(rows) < 4 else -0.12), fontsize=8,
+              ncol=len(ORDER), frameon=False)
 
 
 def _short(version: str, limit: int = 28) -> str:
