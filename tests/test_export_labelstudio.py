@@ -128,7 +128,6 @@ def build_project(label_studio, settings, stub: StubMLBackend | None = None) -> 
 
     p1 = preds[t1].result
     submit("t1_draft", t1, [_moved(_rects(p1)["Person"], 10.0)], parent_prediction=preds[t1].id)
-    time.sleep(0.01)  # distinct updated_at
     submit("t1", t1, copy.deepcopy(p1), parent_prediction=preds[t1].id)
 
     r2 = _rects(preds[t2].result)

@@ -91,7 +91,12 @@ def run_export(client, settings: Settings, options: ExportOptions, rationale_cli
 
     state = _State(config=config, images=ImageCollector(out_dir, settings, client, options.image_mode))
     for chosen in selection.chosen:
-        _one_annotation(chosen, state, options)
+        try:
+            _one_annotation(chosen, state, options)
+        except Exception as exc:  # noqa: BLE001 - one odd annotation must not sink the export
+            log.exception("cannot export annotation", extra={"task": chosen.task.id})
+            state.warnings.append(f"task {chosen.task.id} annotation {chosen.annotation.id} skipped: "
+                                  f"{type(exc).__name__}: {exc}")
 
     if options.corrected_reasoning == "rationale":
         _ask_rationales(state, settings, config, options, rationale_client)
