@@ -130,7 +130,7 @@ def model_numbers(model) -> dict:
 def floor_for(nums: dict, ceil: dict, batch: int, prompt_len: int, patches: int, new_tokens: int) -> dict:
     """Fewest seconds any implementation needs: prefill FLOPs at the matmul rate plus, per decode
     step, max(bytes / bandwidth, FLOPs / matmul rate)."""
-    bw, peak = ceil["copy_bytes_per_s"] / 2, ceil["bf16_flop_per_s"]  # a read moves half the copy's bytes
+    bw, peak = ceil["copy_bytes_per_s"], ceil["bf16_flop_per_s"]  # the copy rate counts read + written bytes
     p = prompt_len
     text_prefill = 2 * nums["text_layer_params"] * p + 2 * nums["layers"] * p * p * nums["q_width"]  # causal QK+AV
     vision_prefill = 2 * nums["vision_params"] * patches + 4 * nums["vision_depth"] * patches**2 * nums["vision_hidden"]
@@ -246,6 +246,31 @@ def engine_variant(model, processor, args, batch_size: int, inductor: bool) -> t
     return engine, _EngineCall(engine, args.new_tokens)
 
 
+def profile_call(call, reqs, device: torch.device, path: Path) -> dict:
+    """Kernel time by kind for one call (prefill + decode): where the GPU time goes, and how much
+    of the wall time the GPU is busy at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = now(device)
+    with profile(activities=activities) as prof:
+        call(reqs)
+        sync(device)
+    wall = now(device) - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    path.write_text(events.table(sort_by=key, row_limit=40, max_name_column_width=90))
+    # kernel rows only: op rows carry their kernels' time too, summing both would count it twice
+    kernels = sorted(((getattr(e, key), e.key, e.count) for e in events
+                      if "CUDA" in str(getattr(e, "device_type", "")) and getattr(e, key) > 0), reverse=True)
+    busy = sum(k[0] for k in kernels) / 1e6
+    top = [{"name": n[:80], "ms": round(t / 1e3, 2), "calls": c} for t, n, c in kernels[:12]]
+    print(f"profile batch {len(reqs)}: wall {wall:.3f} s (profiled), GPU busy {busy:.3f} s; top kernels:", flush=True)
+    for k in top[:6]:
+        print(f"    {k['ms']:8.1f} ms  {k['calls']:6d}x  {k['name']}", flush=True)
+    return {"wall_s": wall, "gpu_busy_s": busy, "top": top}
+
+
 def correctness_check(device: torch.device, args) -> dict:
     """Tiny model in fp32 on this device: the fast path must give plain generate's greedy text."""
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -320,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of this script)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32,64)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per image (default 128)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per batch size after the warm-up")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size after the warm-up")
+    ap.add_argument("--no-profile", action="store_true", help="skip the kernel profile of the fast path")
     ap.add_argument("--latency-repeats", type=int, default=10)
     ap.add_argument("--variants", default="plain,inductor,graphs",
                     help="plain (transformers generate), inductor (fast path), graphs (fast path without Inductor)")
@@ -411,13 +437,27 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     if not args.no_check and time.perf_counter() < deadline + 60:
-        del model
-        gc.collect()
         try:
             record["correctness"] = correctness_check(device, args)
         except Exception as exc:  # noqa: BLE001
             record["correctness"] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"correctness (equal greedy texts, tiny fp32): {record['correctness']}", flush=True)
+        save()
+    fast = next((v for v in variants if v != "plain"), None)
+    if fast and not args.no_profile and time.perf_counter() < deadline:
+        # last, after everything is saved: profiling CUDA-graph replays is the riskiest step
+        try:
+            engine, call = engine_variant(model, processor, args, max(batches), inductor=(fast == "inductor"))
+            record["profile"] = {"variant": fast}
+            for b in (min(batches), max(batches)):
+                reqs = requests_for(imgs[:b])
+                call(reqs)  # warm-up: capture graphs for this batch bucket
+                record["profile"][b] = profile_call(call, reqs, device, out_dir / f"{stem}-profile-b{b}.txt")
+            engine._fast.reset()
+        except Exception as exc:  # noqa: BLE001
+            record["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+        save()
+
     record["total_s"] = time.perf_counter() - t_start
     save()
     print()

@@ -37,7 +37,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-LEN_CHUNK = 256
+LEN_CHUNK = 128
 #: host checks whether every row finished once per this many steps (each check is a sync)
 FINISH_CHECK_EVERY = 8
 
@@ -70,6 +70,11 @@ def select_tokens(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     return idx.gather(-1, choice).squeeze(-1)
 
 
+def _chosen_logprob(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    # log_softmax(logits)[chosen] without writing the whole [B, V] log-softmax
+    return logits.gather(1, chosen.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # same arithmetic as Qwen3VLTextRMSNorm (fp32 statistics, weight applied in the input dtype)
     xf = x.float()
@@ -82,58 +87,77 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-@dataclass(frozen=True)
-class _LayerWeights:
-    """One decoder layer's tensors. Passing tensors (not modules) lets one compiled graph
-    serve all 36 layers: compile once, not once per layer."""
-
-    in_norm: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
-    o: torch.Tensor
-    post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-
-    @classmethod
-    def of(cls, layer: nn.Module) -> _LayerWeights:
-        a, m = layer.self_attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            if lin.bias is not None:
-                raise NotImplementedError("attention/MLP biases are not supported by the fast decoder")
-        return cls(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                   a.q_norm.weight, a.k_norm.weight, a.o_proj.weight, layer.post_attention_layernorm.weight,
-                   m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
-
-    def as_tuple(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, f) for f in self.__dataclass_fields__)
+def _fuse_rows(linears: list[nn.Linear], cache_name: str, owner: nn.Module) -> torch.Tensor:
+    """One weight matrix for several projections of the same input (q|k|v, gate|up): one GEMM
+    instead of several small ones. The modules' weights become views into it, so the fused copy
+    costs no extra memory and the model's own forward (prefill) keeps working unchanged."""
+    fused = getattr(owner, cache_name, None)
+    if fused is not None:
+        return fused
+    with torch.no_grad():
+        fused = torch.cat([lin.weight for lin in linears], dim=0)
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+            start += rows
+    setattr(owner, cache_name, fused)
+    return fused
 
 
-def _layer_step(h, cos, sin, bias, idx, k_cache, v_cache, w, eps: float, n_kv: int, head_dim: int):
+def layer_weights(layer: nn.Module) -> tuple[torch.Tensor, ...]:
+    """One decoder layer's tensors, in :func:`_layer_step`'s order. Passing tensors rather than
+    modules lets one compiled graph serve all 36 layers: compile once, not once per layer."""
+    a, m = layer.self_attn, layer.mlp
+    for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        if lin.bias is not None:
+            raise NotImplementedError("attention/MLP biases are not supported by the fast decoder")
+    qkv = _fuse_rows([a.q_proj, a.k_proj, a.v_proj], "_egm_fused_qkv", a)
+    gate_up = _fuse_rows([m.gate_proj, m.up_proj], "_egm_fused_gate_up", m)
+    return (layer.input_layernorm.weight, qkv, a.q_norm.weight, a.k_norm.weight, a.o_proj.weight,
+            layer.post_attention_layernorm.weight, gate_up, m.down_proj.weight)
+
+
+def linear_patch_embed(model: nn.Module) -> None:
+    """Run the vision patch embedding as a matrix product instead of a Conv3d.
+
+    The kernel equals the stride, so the convolution is exactly a linear map of each flattened
+    patch; cuDNN's bf16 Conv3d is much slower than the GEMM on 10^4-10^5 patches."""
+    embed = model.model.visual.patch_embed
+    proj = embed.proj
+    if not isinstance(proj, nn.Conv3d) or tuple(proj.kernel_size) != tuple(proj.stride):
+        return
+    weight = proj.weight.view(proj.weight.shape[0], -1)  # (c, t, h, w) flattened like the input
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states.view(-1, weight.shape[1]).to(weight.dtype), weight, proj.bias)
+
+    embed.forward = forward
+
+
+def _layer_step(h, cos, sin, bias, idx, k_cache, v_cache, w, eps: float, head_dim: int, q_width: int,
+                kv_width: int):
     """One decoder layer for a single new token per row. Writes its K/V at slot ``idx``."""
-    in_norm, wq, wk, wv, q_norm, k_norm, wo, post_norm, gate, up, down = w
+    in_norm, w_qkv, q_norm, k_norm, wo, post_norm, w_gate_up, down = w
     b = h.shape[0]
     lc = bias.shape[-1]
     x = _rms_norm(h, in_norm, eps)
-    q = _rms_norm(F.linear(x, wq).view(b, -1, head_dim), q_norm, eps)  # [B, Hq, D]
-    k = _rms_norm(F.linear(x, wk).view(b, -1, head_dim), k_norm, eps)  # [B, Hkv, D]
-    v = F.linear(x, wv).view(b, -1, head_dim)
+    q, k, v = F.linear(x, w_qkv).split([q_width, kv_width, kv_width], dim=-1)
+    q = _rms_norm(q.reshape(b, -1, head_dim), q_norm, eps)  # [B, Hq, D]
+    k = _rms_norm(k.reshape(b, -1, head_dim), k_norm, eps)  # [B, Hkv, D]
+    v = v.reshape(b, -1, head_dim)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     k_cache.index_copy_(2, idx, k.unsqueeze(2))
     v_cache.index_copy_(2, idx, v.unsqueeze(2))
     # GQA without repeating the cache: the query heads of one KV head act as its "query
     # positions", so every cached K/V byte is read once.
-    qg = q.view(b, n_kv, -1, head_dim)
+    qg = q.view(b, k.shape[1], -1, head_dim)
     o = F.scaled_dot_product_attention(qg, k_cache[:, :, :lc], v_cache[:, :, :lc], attn_mask=bias,
                                        scale=head_dim ** -0.5)
     h = h + F.linear(o.reshape(b, 1, -1), wo)
-    x = _rms_norm(h, post_norm, eps)
-    return h + F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    gate, up = F.linear(_rms_norm(h, post_norm, eps), w_gate_up).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, down)
 
 
 class DecodeStep:
@@ -159,10 +183,11 @@ class DecodeStep:
         self.lm_head = model.lm_head.weight
         if getattr(model.lm_head, "bias", None) is not None:
             raise NotImplementedError("an lm_head bias is not supported by the fast decoder")
-        self.layers = [_LayerWeights.of(layer).as_tuple() for layer in lm.layers]
+        self.layers = [layer_weights(layer) for layer in lm.layers]
         self.eps = float(cfg.rms_norm_eps)
-        self.n_kv = int(cfg.num_key_value_heads)
         self.head_dim = int(cfg.head_dim)
+        self.q_width = int(cfg.num_attention_heads * cfg.head_dim)
+        self.kv_width = int(cfg.num_key_value_heads * cfg.head_dim)
         self.sampling = sampling
         self.pad_id = pad_id
         self.stop_on_eos = stop_on_eos
@@ -175,7 +200,8 @@ class DecodeStep:
     def __call__(self, tok, pos, idx, t, pad_ok, positions, finished, out_tok, out_lp, keys, values, eos) -> None:
         h, cos, sin, bias = self._head(tok, pos, idx, pad_ok, positions)
         for i, w in enumerate(self.layers):
-            h = self._layer(h, cos, sin, bias, idx, keys[i], values[i], w, self.eps, self.n_kv, self.head_dim)
+            h = self._layer(h, cos, sin, bias, idx, keys[i], values[i], w, self.eps, self.head_dim, self.q_width,
+                            self.kv_width)
         self._tail(h, tok, pos, idx, t, finished, out_tok, out_lp, eos)
 
     def _head_impl(self, tok, pos, idx, pad_ok, positions):
@@ -192,7 +218,7 @@ class DecodeStep:
         h = _rms_norm(h[:, 0], self.final_norm, self.eps)
         logits = F.linear(h, self.lm_head).float()
         nxt = select_tokens(logits, self.sampling)
-        lp = logits.log_softmax(dim=-1).gather(1, nxt.unsqueeze(1)).squeeze(1)
+        lp = _chosen_logprob(logits, nxt)
         nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
         lp = torch.where(finished, torch.zeros_like(lp), lp)
         out_tok.index_copy_(1, t, nxt.unsqueeze(1))
@@ -271,12 +297,14 @@ class StaticCacheDecoder:
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
         self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
         self.inductor = inductor
+        linear_patch_embed(model)
         if inductor:
             _raise_recompile_limit(32)
         self._step_fn = DecodeStep(model, sampling, pad_id, stop_on_eos, inductor=inductor)
         #: set True to synchronise after each phase and record ``last_timings`` (benchmarks)
         self.timing = False
         self.last_timings: dict[str, float] = {}
+        self._rope_index_s = 0.0
         self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
         self._max_workspaces = max_workspaces
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -304,7 +332,7 @@ class StaticCacheDecoder:
 
         logits, cache, pos3 = self._prefill(inputs)
         first = select_tokens(logits, self.sampling)
-        first_lp = logits.log_softmax(dim=-1).gather(1, first.unsqueeze(1)).squeeze(1)
+        first_lp = _chosen_logprob(logits, first)
         self._load_state(ws, cache, inputs["attention_mask"], pos3, first, first_lp, n)
         del cache
         t2 = self._tick()
@@ -322,7 +350,8 @@ class StaticCacheDecoder:
         tokens, logprobs = ws.out_tok[:n, :steps_done].cpu(), ws.out_lp[:n, :steps_done].cpu()
         if self.timing:
             t3 = self._tick()
-            self.last_timings = {"capture_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2,
+            self.last_timings = {"capture_s": t1 - t0, "prefill_s": t2 - t1, "rope_index_s": self._rope_index_s,
+                                 "decode_s": t3 - t2,
                                  "steps": float(steps_done), "bucket": float(ws.batch)}
         return tokens, logprobs
 
@@ -344,12 +373,14 @@ class StaticCacheDecoder:
     def _prefill(self, inputs: dict[str, torch.Tensor]):
         from transformers import DynamicCache
 
+        t0 = self._tick()
         pos3, _ = self.model.model.get_rope_index(
             inputs["input_ids"],
             mm_token_type_ids=inputs["mm_token_type_ids"],
             image_grid_thw=inputs.get("image_grid_thw"),
             attention_mask=inputs["attention_mask"],
         )
+        self._rope_index_s = self._tick() - t0
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             **inputs, position_ids=pos3, past_key_values=cache, use_cache=True, logits_to_keep=1
