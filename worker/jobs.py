@@ -89,7 +89,9 @@ def deliver_due(rt: Runtime | None = None) -> int:
             log.warning("late result expired before delivery", extra={"job_id": job_id})
             continue
         if rt.queue.worker_must_deliver(job_id):  # False when /predict answered with it after all
-            written += _write_late(rt, project_id, result)
+            n = _write_late(rt, project_id, result)
+            log.info("delivered a late result nobody claimed", extra={"job_id": job_id, "written": n})
+            written += n
     return written
 
 

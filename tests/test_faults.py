@@ -1,0 +1,265 @@
+"""Faults: the system keeps working and loses nothing when its parts fail.
+
+Real processes throughout: worker and backend subprocesses, a real redis-server (our own,
+with append-only persistence, for the restart test), the real Label Studio of the session,
+and a TCP proxy (:mod:`tests.tcp_proxy`) to cut links. After each fault every task must end
+with exactly one prediction of our model version in Label Studio, or be listed as failed
+with a reason; the queues must drain. (SIGKILL of a worker in the middle of *computing* a
+batch is covered by the bulk-run tests; here a worker dies in the middle of *writing*.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from egm.contract import Priority
+from egm.queue import QueueClient
+from tests.fault_stack import (Procs, bulk_jobs, ls_project, outcome, predict_body, queues_drained, start_run,
+                               wait_until)
+from tests.fixtures.redis_server import RedisServer, free_port
+from tests.tcp_proxy import TcpProxy
+from config.settings import Settings
+
+pytestmark = pytest.mark.labelstudio
+
+
+def _queue(redis_url: str, prefix: str) -> QueueClient:
+    return QueueClient(Settings(redis_url=redis_url, queue_prefix=prefix))
+
+
+def _settled(label_studio, project, task_ids, queue, run_id):
+    def check():
+        out = outcome(label_studio, project, task_ids, queue, run_id)
+        return out if out.settled and queues_drained(queue) else None
+    return check
+
+
+@pytest.fixture()
+def ls_proxy(label_studio):
+    port = int(label_studio.url.rsplit(":", 1)[1])
+    with TcpProxy("127.0.0.1", port) as proxy:
+        yield proxy
+
+
+@pytest.fixture()
+def procs(tmp_path):
+    made: list[Procs] = []
+
+    def make(*args, **kw) -> Procs:
+        p = Procs.create(*args, log_dir=tmp_path, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop_all()
+
+
+# --------------------------------------------------------------------------- Label Studio outage
+
+
+def test_label_studio_unreachable_for_a_while_then_back(label_studio, redis_url, ls_proxy, procs):
+    """Writes fail while the link is cut; workers wait, then write every prediction exactly once."""
+    prefix = f"lsout{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 20)
+    run_id = f"run-{prefix}"
+    bulk = dict(list(tasks.items())[:16])
+    late = dict(list(tasks.items())[16:])
+    jobs = bulk_jobs(project, bulk, run_id, size=4)
+    # two late interactive results (/predict gave up on them): the worker must deliver those too
+    interactive = bulk_jobs(project, late, None, size=2, write=False)
+    for j in interactive:
+        j.priority = Priority.bulk  # behind the bulk work, so they reach Label Studio during the outage
+        queue.hand_off(j.job_id)
+    start_run(queue, run_id, jobs)
+    queue.enqueue_many(interactive)
+
+    p = procs(redis_url, prefix, label_studio=label_studio, ls_url=ls_proxy.url,
+              EGM_SCRIPTED_DELAY_S="0.4", EGM_LS_OUTAGE_WAIT_S="120")
+    ls_proxy.set_mode("refuse")  # Label Studio goes away before the first write
+    p.worker("w1")
+    wait_until(lambda: "waiting for it" in p.log_text("w1"), 30, "a write that fails and waits")
+    time.sleep(4)
+    assert outcome(label_studio, project, tasks).counts.total() == 0  # nothing got through the cut
+    ls_proxy.set_mode("open")
+
+    out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 90, "every task settled")
+    assert not out.duplicated and not out.failed
+    assert all(out.counts[t] == 1 for t in tasks)
+    assert all(queue.redis.get(queue.key("deliver", j.job_id)) == b"worker" for j in interactive)
+
+
+def test_label_studio_down_longer_than_the_patience_fails_those_tasks_with_a_reason(
+        label_studio, redis_url, ls_proxy, procs):
+    prefix = f"lsdown{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 3)
+    run_id = f"run-{prefix}"
+    jobs = bulk_jobs(project, tasks, run_id, size=3)
+    ls_proxy.set_mode("refuse")
+    start_run(queue, run_id, jobs)
+    p = procs(redis_url, prefix, label_studio=label_studio, ls_url=ls_proxy.url, EGM_LS_OUTAGE_WAIT_S="2")
+    p.worker("w1")
+    out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 60, "tasks listed as failed")
+    assert set(out.failed) == set(tasks)
+    assert all("Label Studio unavailable" in why for why in out.failed.values()), out.failed
+    ls_proxy.set_mode("open")
+    assert outcome(label_studio, project, tasks).counts.total() == 0
+
+
+# --------------------------------------------------------------------------- worker killed mid-write
+
+
+@pytest.mark.parametrize("link", ["hold_responses", "hold_requests"])
+def test_worker_killed_in_the_middle_of_its_label_studio_write(label_studio, redis_url, ls_proxy, procs, link):
+    """hold_responses: Label Studio stored the predictions, the worker died before it heard back;
+    the retried batch finds them there and does not write them again. hold_requests: the write
+    never arrived; the retried batch (same job, so the claim is its own) writes it."""
+    prefix = f"kill{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 12)
+    run_id = f"run-{prefix}"
+    start_run(queue, run_id, bulk_jobs(project, tasks, run_id, size=4))
+    ls_proxy.set_mode(link)
+    p = procs(redis_url, prefix, label_studio=label_studio, ls_url=ls_proxy.url)
+    p.worker("w1")
+    if link == "hold_responses":
+        wait_until(lambda: outcome(label_studio, project, tasks).counts.total() >= 4, 60,
+                   "the first batch stored in Label Studio")
+    else:
+        wait_until(lambda: ls_proxy.accepted >= 1, 60, "the first write on its way")
+        time.sleep(1)
+        assert outcome(label_studio, project, tasks).counts.total() == 0
+    p.kill("w1")  # SIGKILL while its write is unanswered
+    ls_proxy.set_mode("open")
+    p.worker("w2")
+    out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 90, "every task settled")
+    assert not out.duplicated and not out.failed
+    assert all(out.counts[t] == 1 for t in tasks)
+
+
+# --------------------------------------------------------------------------- backend restarted
+
+
+def test_backend_killed_while_predict_calls_wait(label_studio, redis_url, procs):
+    """/predict callers lose their connection; the queued work still reaches Label Studio once."""
+    prefix = f"be{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 6)
+    p = procs(redis_url, prefix, label_studio=label_studio, EGM_PREDICT_BUDGET_S="8", EGM_SCRIPTED_DELAY_S="1.5")
+    p.backend()
+    items = list(tasks.items())
+    calls = [dict(items[i:i + 2]) for i in range(0, 6, 2)]
+    errors: list[str] = []
+
+    def call(chunk):
+        try:
+            p.predict(predict_body(project, chunk), timeout_s=30)
+            errors.append("answered")
+        except Exception as exc:  # noqa: BLE001 - the backend dies under us
+            errors.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=call, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(list(queue.redis.scan_iter(queue.key("handoff", "*")))) == 3, 10, "three jobs queued")
+    p.kill("backend")
+    for t in threads:
+        t.join(10)
+    assert errors and all(e != "answered" for e in errors), errors
+    p.worker("w1")  # only now: the first jobs finish before their deadline, the last ones after it
+    p.backend("backend2")
+    assert p.predict(predict_body(project, {}), timeout_s=10).status_code == 422  # the new backend answers
+    mv = p.model_version()
+    out = wait_until(lambda: (o := outcome(label_studio, project, tasks, model_version=mv)).counts.total() == 6 and o,
+                     60, "every task delivered by the worker")
+    assert not out.duplicated and all(out.counts[t] == 1 for t in tasks)
+    assert queue.late_pending() == 0
+    assert "delivered a late result nobody claimed" in p.log_text("w1")  # the sweep, not only the deadline path
+    time.sleep(2)  # nothing else arrives later
+    assert outcome(label_studio, project, tasks, model_version=mv).counts.total() == 6
+
+
+def test_live_backend_answers_and_the_worker_stays_out(label_studio, redis_url, procs):
+    """The control case: results /predict returned are never also written by the late sweep."""
+    prefix = f"bl{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 4)
+    p = procs(redis_url, prefix, label_studio=label_studio, EGM_PREDICT_BUDGET_S="20")
+    p.backend()
+    p.worker("w1")
+    resp = p.predict(predict_body(project, tasks))
+    assert resp.status_code == 200
+    assert all(r and r["result"] for r in resp.json()["results"])
+    handoffs = [k.decode().rsplit(":", 1)[-1] for k in queue.redis.scan_iter(queue.key("handoff", "*"))]
+    assert handoffs and all(queue.redis.get(queue.key("deliver", j)) == b"backend" for j in handoffs)
+    # a sweep long after the deadline finds the entries the worker filed, and leaves them alone
+    due = queue.take_due_deliveries(now=time.time() + 3600)
+    assert {j for j, _ in due} <= set(handoffs)
+    assert not any(queue.worker_must_deliver(j) for j, _ in due)
+    time.sleep(1)
+    # Label Studio keeps what /predict returned; nothing was written besides
+    assert outcome(label_studio, project, tasks, model_version=p.model_version()).counts.total() == 0
+
+
+# --------------------------------------------------------------------------- Redis restarted / unreachable
+
+
+@pytest.fixture()
+def persistent_redis(tmp_path):
+    server = RedisServer(port=free_port(), workdir=tmp_path / "redis-aof", appendonly=True)
+    server.workdir.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_restarted_mid_run_with_persistence(label_studio, persistent_redis, procs):
+    prefix = f"rr{uuid.uuid4().hex[:6]}"
+    queue = _queue(persistent_redis.url, prefix)
+    project, tasks = ls_project(label_studio, 48)
+    run_id = f"run-{prefix}"
+    jobs = bulk_jobs(project, tasks, run_id, size=4)
+    start_run(queue, run_id, jobs)
+    p = procs(persistent_redis.url, prefix, label_studio=label_studio, EGM_SCRIPTED_DELAY_S="0.5")
+    p.worker("w1")
+    p.worker("w2")
+    wait_until(lambda: outcome(label_studio, project, tasks).counts.total() >= 8, 60, "the run under way")
+    persistent_redis.restart(downtime_s=2)
+    out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 120, "every task settled")
+    assert not out.duplicated and not out.failed
+    assert all(out.counts[t] == 1 for t in tasks)
+    assert p.alive("w1") and p.alive("w2")  # the workers waited for Redis instead of exiting
+    assert "lost Redis" in p.log_text("w1") + p.log_text("w2")
+
+
+def test_redis_briefly_unreachable(label_studio, redis_server, procs):
+    """Connections cut and refused for a few seconds (Redis itself keeps its data)."""
+    redis_server.client().flushall()
+    prefix = f"ru{uuid.uuid4().hex[:6]}"
+    with TcpProxy("127.0.0.1", redis_server.port) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        queue = _queue(redis_server.url, prefix)  # the test's own view goes around the proxy
+        project, tasks = ls_project(label_studio, 32)
+        run_id = f"run-{prefix}"
+        start_run(queue, run_id, bulk_jobs(project, tasks, run_id, size=4))
+        p = procs(url, prefix, label_studio=label_studio, EGM_SCRIPTED_DELAY_S="0.5")
+        p.backend()
+        p.worker("w1")
+        p.worker("w2")
+        wait_until(lambda: outcome(label_studio, project, tasks).counts.total() >= 8, 60, "the run under way")
+        proxy.set_mode("refuse")
+        resp = p.predict(predict_body(project, dict(list(tasks.items())[:1])), timeout_s=30)
+        assert resp.status_code == 503 and "Redis" in resp.json()["detail"]
+        time.sleep(3)
+        proxy.set_mode("open")
+        out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 120, "every task settled")
+        assert not out.duplicated and not out.failed
+        assert all(out.counts[t] == 1 for t in tasks)
+        assert p.alive("w1") and p.alive("w2") and p.alive("backend")
+        assert p.predict(predict_body(project, {}), timeout_s=10).status_code == 422  # backend serves again
