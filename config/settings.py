@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -226,6 +227,9 @@ class Settings(BaseSettings):
         for value in (self.label_studio_api_key, self.basic_auth_pass, self.openai_api_key):
             if value is not None and value.get_secret_value():
                 out.append(value.get_secret_value())
+        redis_password = urlsplit(self.redis_url).password  # redis://:password@host/0
+        if redis_password:
+            out.append(redis_password)
         return out
 
 

@@ -20,7 +20,8 @@ from config.settings import Settings
 _PATTERNS = [
     (re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(token|bearer|basic)\s+[^\s\"',}]+"), r"\1\2 ***"),
     (re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key|password|sig|signature)=)[^&\s\"']+"), r"\1***"),
-    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)([^/\s:@]+):([^/\s@]+)@"), r"\1\2:***@"),
+    # user:password@ in URLs; the user may be empty (redis://:password@host, Redis's usual form)
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)([^/\s:@]*):([^/\s@]+)@"), r"\1\2:***@"),
     (re.compile(r"(?i)(\"?(?:password|api_key|access_token|refresh|token)\"?\s*[:=]\s*\"?)[^\s\",}]{6,}"), r"\1***"),
 ]
 
