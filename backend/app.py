@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
           422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+#: an error of a route whose success is not JSON (/metrics): the error body still is.
+JSON_ERROR = {"description": "error",
+              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
 
 def create_app(settings: Settings | None = None, queue: QueueClient | None = None) -> FastAPI:
@@ -79,12 +82,16 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
         log.exception("unhandled error", extra={"path": request.url.path})
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see backend logs"}, 500)
 
+    # Basic auth on every route but the health checks; declared only when configured, so the
+    # OpenAPI schema tells clients the truth (new routes: use dependencies=protected).
+    protected = [Depends(require_auth)] if settings.basic_auth_user else []
+
     @app.get("/", response_model=HealthResponse, include_in_schema=False)
     @app.get("/health", response_model=HealthResponse)
     def health() -> HealthResponse:
         return HealthResponse(model_version=version)
 
-    @app.post("/setup", response_model=SetupResponse, responses=ERRORS, dependencies=[Depends(require_auth)])
+    @app.post("/setup", response_model=SetupResponse, responses=ERRORS, dependencies=protected)
     def setup(req: SetupRequest) -> SetupResponse:
         if req.schema_:
             try:
@@ -97,18 +104,19 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
             return JSONResponse({"detail": str(exc)}, 422)
         return SetupResponse(model_version=version)
 
-    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, dependencies=[Depends(require_auth)])
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, dependencies=protected)
     def predict(req: PredictRequest) -> PredictResponse:
         try:
             return predictor.predict(req)
         except (BadPredictRequest, LabelingConfigError, PromptError) as exc:
             return JSONResponse({"detail": str(exc)}, 422)
 
-    @app.post("/webhook", status_code=201, responses=ERRORS, dependencies=[Depends(require_auth)])
+    @app.post("/webhook", status_code=201, responses=ERRORS, dependencies=protected)
     def webhook(event: WebhookEvent) -> dict:
         return webhooks.handle(event)
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_auth)])
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=protected,
+             responses={code: JSON_ERROR for code in (401, 503)})
     def prometheus() -> PlainTextResponse:
         body, content_type = metrics.render()
         return PlainTextResponse(body, media_type=content_type)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from config.settings import Settings, get_settings
@@ -12,8 +12,9 @@ from config.settings import Settings, get_settings
 _basic = HTTPBasic(auto_error=False)
 
 
-def require_auth(credentials: HTTPBasicCredentials | None = Depends(_basic),
-                 settings: Settings = Depends(get_settings)) -> None:
+def require_auth(request: Request, credentials: HTTPBasicCredentials | None = Depends(_basic)) -> None:
+    # The app's own settings (create_app(settings)), not a fresh read of the environment.
+    settings: Settings = getattr(request.app.state, "settings", None) or get_settings()
     if not settings.basic_auth_user:
         return
     expected_pass = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""

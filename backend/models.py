@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 
 class _Open(BaseModel):
@@ -19,7 +19,8 @@ class HealthResponse(BaseModel):
 
 
 class SetupRequest(_Open):
-    project: str | int | None = Field(None, description='"<id>.<created timestamp>" or a plain id')
+    # strict: a JSON true/false or 1.0 is not a project id (lax pydantic would read true as 1)
+    project: StrictStr | StrictInt | None = Field(None, description='"<id>.<created timestamp>" or a plain id')
     schema_: str | None = Field(None, alias="schema", description="the project's labeling config XML")
     hostname: str | None = None
     access_token: str | None = None
@@ -37,13 +38,14 @@ class PredictParams(_Open):
 
 
 class Task(_Open):
-    id: int | None = None
+    id: StrictInt | None = None
     data: dict[str, Any]
 
 
 class PredictRequest(_Open):
     tasks: list[Task] = Field(..., min_length=1)
-    project: str | int | None = None
+    # strict: a JSON true/false or 1.0 is not a project id (lax pydantic would read true as 1)
+    project: StrictStr | StrictInt | None = None
     label_config: str | None = None
     params: PredictParams = Field(default_factory=PredictParams)
 
