@@ -12,7 +12,7 @@ from PIL import Image
 from tests.engine_conformance import check_engine_conformance, check_output
 from tests.fixtures.model import TEST_MAX_PIXELS, TEST_MIN_PIXELS
 from worker.engines.base import DecodingConfig, EngineError, EngineRequest
-from worker.engines.hf import HFEngine
+from worker.engines.hf import HFEngine, visual_tokens
 
 PROMPT = "Locate the {}, output its bbox coordinates using JSON format"
 
@@ -163,3 +163,14 @@ def test_describe_names_the_path(hf_engine, hf_engine_fast) -> None:
     assert hf_engine.describe()["decode_path"] == "generate"
     assert hf_engine.describe()["engine"] == "hf"
     assert hf_engine_fast.describe()["compile"] is True
+
+
+def test_visual_token_estimate_matches_the_processor(hf_engine) -> None:
+    assert visual_tokens(640, 480, min_pixels=50176, max_pixels=1003520) == 300
+    assert visual_tokens(4000, 3000, min_pixels=50176, max_pixels=1003520) <= 1003520 // 1024
+    # the engine's own count (used to sort by size) is what the processor produces
+    req = EngineRequest(noise(150, 90, seed=1), PROMPT.format("x"))
+    prepared = hf_engine._prepare(0, req)
+    enc = hf_engine._encode([prepared])
+    image_id = hf_engine.model.config.image_token_id
+    assert int((enc["input_ids"] == image_id).sum()) == prepared.visual_tokens

@@ -59,8 +59,6 @@ class HFEngine(Engine):
         ignore_eos: bool = False,
         inductor: bool = True,
     ) -> None:
-        import torch
-
         dev = _resolve_device(device)
         torch_dtype = _resolve_dtype(dtype, dev)
         model, processor = load_model(model_path, dev, torch_dtype)
@@ -113,7 +111,7 @@ class HFEngine(Engine):
         self._factor = int(image_processor.patch_size) * int(image_processor.merge_size)
         self._fast = None
         if compile:
-            from worker.engines.hf_fast import SamplingParams, StaticCacheDecoder
+            from worker.engines.hf_fast import StaticCacheDecoder
 
             self._fast = StaticCacheDecoder(
                 model,
@@ -125,7 +123,6 @@ class HFEngine(Engine):
                 stop_on_eos=not ignore_eos,
                 inductor=inductor and self.device.type == "cuda",
             )
-            assert isinstance(self._fast.sampling, SamplingParams)
 
     # ------------------------------------------------------------------ Engine API
 
