@@ -174,3 +174,18 @@ def test_visual_token_estimate_matches_the_processor(hf_engine) -> None:
     enc = hf_engine._encode([prepared])
     image_id = hf_engine.model.config.image_token_id
     assert int((enc["input_ids"] == image_id).sum()) == prepared.visual_tokens
+
+
+def test_compiler_failure_falls_back_to_eager_code(tiny_model_dir: Path, plain_outputs, three_requests) -> None:
+    engine = HFEngine(str(tiny_model_dir), DecodingConfig(max_new_tokens=24), TEST_MAX_PIXELS, TEST_MIN_PIXELS,
+                      device="cpu", compile=True)
+    fast = engine._fast
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Inductor failure")
+
+    fast.inductor = True  # pretend the step was compiled, and make the "compiled" prefill fail
+    fast._step_fn._prefill_layer = broken
+    outs = engine.generate(three_requests)
+    assert [o.text for o in outs] == [o.text for o in plain_outputs]
+    assert fast.inductor is False

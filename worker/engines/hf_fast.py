@@ -197,8 +197,8 @@ class DecodeStep:
     length picks the attended chunk), ``finished`` [B], ``out_tok``/``out_lp`` [B, T],
     ``keys``/``values`` per layer [B, Hkv, Lmax, D], ``eos`` [E].
 
-    The three parts (embedding + rope + mask, one layer, head + token choice) are compiled
-    separately when ``inductor`` is set; eager otherwise.
+    The parts (embedding + rope + mask, one decode layer, head + token choice, one prefill
+    layer) are compiled separately when ``inductor`` is set; eager otherwise.
     """
 
     def __init__(self, model: nn.Module, sampling: SamplingParams, pad_id: int, stop_on_eos: bool,
@@ -325,6 +325,10 @@ def batch_bucket(n: int, max_batch: int) -> int:
     return min(b, max(n, max_batch))
 
 
+class _StartOver(Exception):
+    """Internal: the compiled code failed after graphs were set up; generate again eagerly."""
+
+
 class StaticCacheDecoder:
     """Batched greedy/sampled decoding of a loaded Qwen3-VL model, see the module docstring."""
 
@@ -371,6 +375,12 @@ class StaticCacheDecoder:
     @torch.inference_mode()
     def generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [n, T] and their log-probs [n, T] on the CPU (rows padded with pad_id / 0 after EOS)."""
+        try:
+            return self._generate(inputs)
+        except _StartOver:  # the compiled prefill failed: graphs were dropped, run again eagerly
+            return self._generate(inputs)
+
+    def _generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = inputs["input_ids"]
         n, prompt_len = ids.shape
         if n > self.max_batch:
@@ -453,7 +463,14 @@ class StaticCacheDecoder:
                 raise ValueError(f"{int(visual.sum())} image tokens but {image_embeds.shape[0]} image features")
             embeds = embeds.masked_scatter(visual.unsqueeze(-1), image_embeds)
             deepstack = [d.to(embeds.dtype) for d in feats.deepstack_features]
-        logits = step.prefill(embeds, pos3, inputs["attention_mask"], visual, deepstack, ws.keys, ws.values)
+        args = (embeds, pos3, inputs["attention_mask"], visual, deepstack, ws.keys, ws.values)
+        try:
+            logits = step.prefill(*args)
+        except Exception as exc:  # noqa: BLE001
+            if not self.inductor or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            self._drop_inductor(exc)
+            raise _StartOver from exc
         return logits, pos3
 
     def _load_state(self, ws: _Workspace, attention_mask, pos3, first, first_lp, n: int) -> None:
@@ -524,12 +541,17 @@ class StaticCacheDecoder:
         except Exception as exc:  # noqa: BLE001 - compiler trouble must not take the engine down
             if not self.inductor:
                 raise
-            log.warning("Inductor decode step failed (%s); falling back to eager CUDA graphs", exc)
-            self.inductor = False
-            self._step_fn = DecodeStep(self.model, self.sampling, self.pad_id, self.stop_on_eos)
-            for other in self._workspaces.values():
-                other.graphs.clear()
+            self._drop_inductor(exc)
             return self._capture(ws, lc)
+
+    def _drop_inductor(self, exc: Exception) -> None:
+        """Compiler trouble must not take the engine down: continue with the eager step (still
+        replayed as CUDA graphs). Graphs recorded with compiled code are dropped."""
+        log.warning("Inductor-compiled step failed (%s: %s); falling back to eager code", type(exc).__name__, exc)
+        self.inductor = False
+        self._step_fn = DecodeStep(self.model, self.sampling, self.pad_id, self.stop_on_eos)
+        for other in self._workspaces.values():
+            other.graphs.clear()
 
     def _capture(self, ws: _Workspace, lc: int):
         """Record one decode step as a CUDA graph. Runs before prefill: the warm-up steps write
