@@ -46,7 +46,8 @@ for i = 3, #ARGV, 2 do
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], 'updated_at', redis.call('TIME')[1])
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[2], 'updated_at', now[1] + now[2] / 1000000)
 return changed
 """
 

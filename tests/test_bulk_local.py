@@ -303,3 +303,18 @@ def test_progress_line():
     printer.message("hello")
     printer.close(p)
     assert sink.text.startswith("\r[") and "\nhello\n" in sink.text and sink.text.endswith("\n")
+
+
+def test_which_failures_are_transient():
+    from egm.bulk.retries import is_transient
+    from egm.contract import TaskResult
+
+    def failed(kind, error="x"):
+        return TaskResult(task_id=1, status="failed", error_kind=kind, error=error)
+
+    assert is_transient(failed("image:fetch")) and is_transient(failed("engine"))
+    assert is_transient(failed("label_studio", "prediction not written to Label Studio: Label Studio unavailable"))
+    assert not is_transient(failed("label_studio", "Label Studio refused the prediction: task not found"))
+    assert not any(is_transient(failed(k)) for k in ("image:decode", "image:blocked", "image:too_large", "parse"))
+    assert not is_transient(TaskResult(task_id=1, status="ok"))
+    assert backoff_s(2.0, 1) == 2.0 and backoff_s(2.0, 3) == 8.0 and backoff_s(2.0, 30) == 300.0

@@ -1,7 +1,7 @@
 """Transient task failures of bulk runs come back later, with exponential backoff.
 
 A task that failed for a reason that may pass (an image download error, an engine
-error for that request) is put into a new batch due ``backoff * 2**(attempt-1)``
+error for that request, Label Studio unavailable for longer than the worker waits) is put into a new batch due ``backoff * 2**(attempt-1)``
 seconds later, up to ``EGM_TASK_RETRIES`` times; then it lands in the run's failed
 list with its reason. Permanent failures (undecodable or blocked image, no
 parseable box) fail at once.
@@ -31,7 +31,12 @@ MAX_BACKOFF_S = 300.0
 
 
 def is_transient(result: TaskResult) -> bool:
-    return result.status != "ok" and (result.error_kind or "") in TRANSIENT_KINDS
+    if result.status == "ok":
+        return False
+    kind = result.error_kind or ""
+    # Label Studio down longer than the worker waits (worker.jobs): the prediction can be written later.
+    # A prediction Label Studio *refused* (the task was deleted) stays failed.
+    return kind in TRANSIENT_KINDS or (kind == "label_studio" and "unavailable" in (result.error or ""))
 
 
 def backoff_s(base_s: float, attempt: int) -> float:

@@ -26,7 +26,7 @@ from egm.bulk.progress import ProgressPrinter
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask, folder_tasks, label_studio_tasks, manifest_tasks
 from egm.bulk.spec import RunSpec, label_studio_run_id, local_run_id
-from egm.contract import LabelTarget, Priority
+from egm.contract import BatchResult, LabelTarget, Priority
 from egm.prompts import load_templates
 from egm.queries import build_queries
 from egm.queue import QueueClient
@@ -114,19 +114,27 @@ class LocalCollector:
         self.offset = 0
 
     def collect(self) -> int:
+        """Results of the batches finished since the last call."""
         job_ids = self.runs.finished_jobs(self.run_id, self.offset)
-        if not job_ids:
-            return 0
         self.offset += len(job_ids)
+        return self.collect_jobs(job_ids)
+
+    def collect_jobs(self, job_ids: list[str]) -> int:
         added = 0
-        for job_id in dict.fromkeys(job_ids):
-            result = self.queue.result(job_id)
-            if result is None:
-                continue  # expired: the task is re-planned, and the cache answers it
+        for result in self._results(list(dict.fromkeys(job_ids))):
             fresh = [r for r in result.results if r.status == "ok" and self._key(r) not in self.done]
             added += self.log.append(fresh)
             self.done.update(self._key(r) for r in fresh)
         return added
+
+    def _results(self, job_ids: list[str], chunk: int = 200):
+        """Stored batch results, many per round trip; expired ones are skipped (their tasks get
+        re-planned, and the cache answers them)."""
+        for start in range(0, len(job_ids), chunk):
+            keys = [self.queue.key("result", j) for j in job_ids[start:start + chunk]]
+            for raw in self.queue.redis.mget(keys):
+                if raw:
+                    yield BatchResult.model_validate_json(raw)
 
     @staticmethod
     def _key(result) -> str:
@@ -215,15 +223,25 @@ class BulkRun:
             return False
         if self.collector is None:
             return True
-        ok = {k for k, s in self.runs.statuses(self.run_id).items() if s in ("ok", "cached")}
-        if ok <= self.collector.done:
+        missing = self._uncollected()
+        if not missing:
             return True
         # Results that expired before we collected them: plan those tasks again (the cache answers them).
-        missing = ok - self.collector.done
         log.info("re-planning tasks whose results expired", extra={"run_id": self.run_id, "count": len(missing)})
         self.runs.mark(self.run_id, {k: "queued" for k in missing})
         self._plan()
         return False
+
+    def _uncollected(self) -> set[str]:
+        """Tasks a worker finished whose results are not in the local log yet and cannot be fetched."""
+        self.collector.collect()
+        ok = {k for k, s in self.runs.statuses(self.run_id).items() if s in ("ok", "cached")}
+        missing = ok - self.collector.done
+        if missing:  # a worker between its two writes (status, then finished log): fetch by assignment
+            assign = self.runs.assignments(self.run_id)
+            self.collector.collect_jobs(sorted({assign[k] for k in missing if k in assign}))
+            missing = ok - self.collector.done
+        return missing
 
     def _maintain(self, idle_s: float) -> None:
         self.queue.recover_abandoned()

@@ -81,7 +81,9 @@ def _drive(run: BulkRun, options: DriveOptions, printer: ProgressPrinter, out) -
         progress = run.follow(timeout_s=options.timeout_s)
     except KeyboardInterrupt:
         printer.close()
-        print(f"\ninterrupted: batches already queued keep running on the workers.\n"
+        where = ("wait in Redis for workers (the local ones stop now)" if options.local_workers
+                 else "keep running on the workers")
+        print(f"\ninterrupted: batches already queued {where}.\n"
               f"  resume:  run the same command again\n"
               f"  status:  egm-assist status {run.run_id}\n"
               f"  cancel:  egm-assist cancel {run.run_id}", file=sys.stderr)
