@@ -8,8 +8,9 @@ Delivery handshake (so a result reaches Label Studio exactly once):
   Label Studio itself; before it, it files the job in the ``late`` schedule
   (due at the deadline plus a grace period) and lets ``/predict`` answer;
 * ``/predict`` waits on ``done:<job>`` up to its budget; it returns a result only
-  after claiming ``deliver:<job>``; at the deadline it moves ``handoff:<job>`` to
-  "now" and makes one last check for a stored result;
+  after claiming ``deliver:<job>`` (which also takes the job off the ``late``
+  schedule); at the deadline it moves ``handoff:<job>`` to "now" and makes one
+  last check for a stored result;
 * workers sweep the ``late`` schedule between jobs: a due job that nobody claimed
   (the backend died or lost Redis while it waited) is claimed and delivered then.
 
@@ -22,7 +23,6 @@ write); per-task claims in :mod:`worker.delivery` keep those writes exactly-once
 
 from __future__ import annotations
 
-import json
 import time
 
 import redis
@@ -42,6 +42,16 @@ LATE_GRACE_S = 5.0
 #: ``handoff:<job>`` value meaning "the requester stopped waiting: deliver now".
 HANDOFF_NOW = "0"
 
+# File a job for the late sweep unless the requester claimed it already; atomic, so it cannot
+# interleave with claim_for_response's claim-and-unfile transaction (nothing is filed after it).
+# KEYS: deliver, late, late-project. ARGV: due, job id, project id ("" for none).
+_DEFER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+
 
 def connect(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_keepalive=True)
@@ -56,6 +66,7 @@ class QueueClient:
             p: Queue(queue_name(self.prefix, p), connection=self.redis, serializer=JSONSerializer)
             for p in Priority
         }
+        self._defer = self.redis.register_script(_DEFER_LUA)
 
     def key(self, *parts: str) -> str:
         return redis_key(self.prefix, *parts)
@@ -120,7 +131,12 @@ class QueueClient:
         result = self.result(job_id)
         if result is None:
             return None
-        won = self.redis.set(self.key("deliver", job_id), "backend", nx=True, ex=HANDOFF_TTL_S)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.key("deliver", job_id), "backend", nx=True, ex=HANDOFF_TTL_S)
+            # answered here: the late sweep has nothing to do for it
+            pipe.zrem(self.key("late"), job_id)
+            pipe.hdel(self.key("late-project"), job_id)
+            won = pipe.execute()[0]
         return result if won else None
 
     def hand_off(self, job_id: str) -> BatchResult | None:
@@ -162,22 +178,24 @@ class QueueClient:
         # Already the workers': a retry of a job whose write failed delivers again (per-task claims dedupe).
         return self.redis.get(key) == b"worker"
 
-    def defer_delivery(self, job_id: str, project_id: int | None, due: float) -> None:
+    def defer_delivery(self, job_id: str, project_id: int | None, due: float) -> bool:
         """File a finished job for the ``late`` sweep, unless the requester already claimed it."""
-        if self.redis.exists(self.key("deliver", job_id)):
-            return
-        member = json.dumps({"job_id": job_id, "project_id": project_id})
-        self.redis.zadd(self.key("late"), {member: due + LATE_GRACE_S})
+        keys = [self.key("deliver", job_id), self.key("late"), self.key("late-project")]
+        args = [due + LATE_GRACE_S, job_id, "" if project_id is None else str(project_id)]
+        return bool(self._defer(keys=keys, args=args))
 
     def take_due_deliveries(self, now: float | None = None, limit: int = 100) -> list[tuple[str, int | None]]:
         """Remove and return due ``late`` entries as (job id, project id); each goes to one sweeper only."""
         key = self.key("late")
-        members = self.redis.zrangebyscore(key, 0, now if now is not None else time.time(), start=0, num=limit)
+        job_ids = self.redis.zrangebyscore(key, 0, now if now is not None else time.time(), start=0, num=limit)
         out = []
-        for member in members:
-            if self.redis.zrem(key, member):  # the sweeper that removes it owns it
-                entry = json.loads(member)
-                out.append((entry["job_id"], entry.get("project_id")))
+        for raw in job_ids:
+            if self.redis.zrem(key, raw):  # the sweeper that removes it owns it
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hget(self.key("late-project"), raw)
+                    pipe.hdel(self.key("late-project"), raw)
+                    project = pipe.execute()[0]
+                out.append((raw.decode(), int(project) if project else None))
         return out
 
     def late_pending(self) -> int:
