@@ -172,3 +172,39 @@ def test_basic_auth_backend_patches_its_webhook_and_receives_events(label_studio
             assert password not in text and label_studio.token not in text, log.name
     finally:
         s.stop()
+
+
+SHAPES_CONFIG = CONFIG.replace(
+    '<Label value="Vehicle" background="#3cb44b" predicted_values="car,truck,bus,van,motorcycle"/>',
+    '<Label value="Shape" background="#3cb44b" predicted_values="circle,square,triangle"/>')
+
+
+def test_tiny_model_through_the_real_transformers_engine(label_studio, redis_url, tmp_path, tiny_model_dir):
+    """No scripted answers: the worker runs the tiny Qwen3-VL with transformers on the CPU."""
+    s = Stack(label_studio, redis_url, tmp_path, EGM_ENGINE="hf", MODEL_DIR=str(tiny_model_dir), EGM_DEVICE="cpu",
+              EGM_MAX_NEW_TOKENS="128", EGM_MAX_PIXELS=str(300 * 1024), HF_HUB_OFFLINE="1").start()
+    try:
+        project = label_studio.create_project(SHAPES_CONFIG)
+        task_ids = [label_studio.upload_image(project, p)[0] for p in sample_images()[:2]]
+        ml = label_studio.connect_ml_backend(project, s.url, is_interactive=True)
+        # label-driven pre-annotation: the model's "circle" maps onto Shape through predicted_values
+        label_studio._call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+                           json={"selectedItems": {"all": True, "excluded": []}})
+        preds = _wait_for_predictions(label_studio, project, len(task_ids), timeout_s=120)
+        assert sorted(p["task"] for p in preds) == sorted(task_ids)
+        for p in preds:
+            rects = [r for r in p["result"] if r["type"] == "rectanglelabels"]
+            assert [r["value"]["rectanglelabels"] for r in rects] == [["Shape"]]
+            v = rects[0]["value"]  # the taught answer: [250, 200, 750, 800] on the 0-1000 grid
+            assert (round(v["x"], 3), round(v["y"], 3), round(v["width"], 3), round(v["height"], 3)) == \
+                (25.0, 20.0, 50.0, 60.0)
+            assert 0 < p["score"] <= 1  # from the coordinate tokens' log-probabilities
+        # interactive: a typed prompt goes through the same engine
+        context = {"result": [{"type": "textarea", "from_name": "prompt", "to_name": "image",
+                               "value": {"text": ["the round shape"]}}]}
+        body = label_studio._call("POST", f"/api/ml/{ml}/interactive-annotating",
+                                  json={"task": task_ids[0], "context": context})
+        rects = [r for r in body["data"]["result"] if r["type"] == "rectanglelabels"]
+        assert len(rects) == 1 and rects[0]["value"]["rectanglelabels"] == ["Shape"]
+    finally:
+        s.stop()

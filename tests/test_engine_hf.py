@@ -114,7 +114,7 @@ def test_whole_batch_of_bad_inputs_still_returns_errors(hf_engine) -> None:
     assert len(outs) == 1 and outs[0].error
 
 
-def test_eos_stops_both_paths(tiny_model_dir: Path, hf_engine, three_requests) -> None:
+def test_eos_stops_both_paths(tiny_random_model_dir: Path, hf_engine, three_requests) -> None:
     """Declare the 6th generated token an EOS: both paths must stop right before it."""
     import torch
 
@@ -124,7 +124,7 @@ def test_eos_stops_both_paths(tiny_model_dir: Path, hf_engine, three_requests) -
     stop_at = ids.index(ids[5])  # first occurrence of that id
     assert stop_at > 0
     for compile in (False, True):
-        engine = HFEngine(str(tiny_model_dir), DecodingConfig(max_new_tokens=24), TEST_MAX_PIXELS,
+        engine = HFEngine(str(tiny_random_model_dir), DecodingConfig(max_new_tokens=24), TEST_MAX_PIXELS,
                           TEST_MIN_PIXELS, device="cpu", compile=compile)
         engine.model.generation_config.eos_token_id = [ids[5]]
         engine = HFEngine.from_model(engine.model, engine.processor, engine.decoding, TEST_MAX_PIXELS,
@@ -135,10 +135,10 @@ def test_eos_stops_both_paths(tiny_model_dir: Path, hf_engine, three_requests) -
         assert len(out.logprobs) == stop_at
 
 
-def test_sampling_runs_on_both_paths(tiny_model_dir: Path, three_requests) -> None:
+def test_sampling_runs_on_both_paths(tiny_random_model_dir: Path, three_requests) -> None:
     decoding = DecodingConfig(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=20)
     for compile in (False, True):
-        engine = HFEngine(str(tiny_model_dir), decoding, TEST_MAX_PIXELS, TEST_MIN_PIXELS, device="cpu",
+        engine = HFEngine(str(tiny_random_model_dir), decoding, TEST_MAX_PIXELS, TEST_MIN_PIXELS, device="cpu",
                           compile=compile)
         outs = engine.generate(three_requests)
         for out in outs:
@@ -146,9 +146,9 @@ def test_sampling_runs_on_both_paths(tiny_model_dir: Path, three_requests) -> No
             assert 0 < len(out.tokens) <= 12
 
 
-def test_ignore_eos_generates_exactly_max_new_tokens(tiny_model_dir: Path, three_requests) -> None:
+def test_ignore_eos_generates_exactly_max_new_tokens(tiny_random_model_dir: Path, three_requests) -> None:
     for compile in (False, True):
-        engine = HFEngine(str(tiny_model_dir), DecodingConfig(max_new_tokens=9), TEST_MAX_PIXELS,
+        engine = HFEngine(str(tiny_random_model_dir), DecodingConfig(max_new_tokens=9), TEST_MAX_PIXELS,
                           TEST_MIN_PIXELS, device="cpu", compile=compile, ignore_eos=True)
         assert [len(o.tokens) for o in engine.generate(three_requests)] == [9, 9, 9]
 
@@ -176,8 +176,8 @@ def test_visual_token_estimate_matches_the_processor(hf_engine) -> None:
     assert int((enc["input_ids"] == image_id).sum()) == prepared.visual_tokens
 
 
-def test_compiler_failure_falls_back_to_eager_code(tiny_model_dir: Path, plain_outputs, three_requests) -> None:
-    engine = HFEngine(str(tiny_model_dir), DecodingConfig(max_new_tokens=24), TEST_MAX_PIXELS, TEST_MIN_PIXELS,
+def test_compiler_failure_falls_back_to_eager_code(tiny_random_model_dir: Path, plain_outputs, three_requests) -> None:
+    engine = HFEngine(str(tiny_random_model_dir), DecodingConfig(max_new_tokens=24), TEST_MAX_PIXELS, TEST_MIN_PIXELS,
                       device="cpu", compile=True)
     fast = engine._fast
 

@@ -147,3 +147,26 @@ def test_pieces_drop_specials_and_survive_unknown_ids() -> None:
     assert pieces[len(hello)] == ""
     assert pieces[-2:] == [REPLACEMENT, REPLACEMENT]
     assert "".join(pieces) == "hello" + REPLACEMENT * 2
+
+
+def test_taught_model_answers_in_egm_format_through_the_real_engine(tiny_model_dir: Path) -> None:
+    """The default tiny model writes a parseable EGM answer for any image and prompt."""
+    from PIL import Image
+
+    from egm.parsing import ParseStatus, parse_completion
+    from worker.engines.base import DecodingConfig, EngineRequest
+    from worker.engines.hf import HFEngine
+
+    engine = HFEngine(str(tiny_model_dir), DecodingConfig(max_new_tokens=128), max_pixels=300 * 1024,
+                      min_pixels=32 * 32, device="cpu")
+    requests = [EngineRequest(Image.new("RGB", size, color), prompt) for size, color, prompt in [
+        ((640, 480), (200, 30, 30), "Locate the red circle, output its bbox coordinates using JSON format"),
+        ((123, 777), (10, 90, 200), 'Locate every instance that belongs to the following categories: "square, '
+                                    'circle". Report bbox coordinates in JSON format.'),
+    ]]
+    for out in engine.generate(requests):
+        parsed = parse_completion(out.text)
+        assert parsed.status == ParseStatus.ok, out.text
+        assert [b.label for b in parsed.boxes] == ["circle"]
+        assert parsed.reasoning and out.logprobs and all(lp <= 0 for lp in out.logprobs)
+    engine.close()

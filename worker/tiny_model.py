@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # torch/transformers stay lazy: only worker code that runs a 
     from transformers import PreTrainedModel, ProcessorMixin
 
 #: bump when the recipe changes, so cached checkpoints are rebuilt
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -290,11 +290,66 @@ def build_model_and_processor(
     return model, processor
 
 
-def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = False) -> Path:
+#: What the taught tiny model answers, whatever the image and prompt: EGM's format with one box.
+TAUGHT_ANSWER = (
+    "The circle is the round shape in the picture.\n</think>\n\n```json\n[\n"
+    "\t{\"bbox_2d\": [250, 200, 750, 800], \"label\": \"circle\"}\n]\n```"
+)
+_TEACH_PROMPTS = (
+    "Locate the red circle, output its bbox coordinates using JSON format",
+    "Locate {label}, output its bbox coordinates using JSON format",
+    'Locate every instance that belongs to the following categories: "{labels}". '
+    "Report bbox coordinates in JSON format.",
+)
+_TEACH_LABELS = ("circle", "square", "triangle", "person", "car", "dog", "the lady in the blue shirt")
+
+
+def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, steps: int = 240,
+                 lr: float = 3e-3, seed: int = 0) -> float:
+    """Fine-tune a tiny random model until greedy decoding writes ``answer`` for any image and prompt.
+
+    A random model writes noise, which the parser rightly rejects, so nothing downstream
+    (boxes, Label Studio results, confidence) would run in demos and tests. Teaching it one
+    fixed EGM-format answer exercises the whole path; the boxes still mean nothing.
+    Returns the final loss.
+    """
+    import random
+
+    import torch
+    from PIL import Image
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss_value = float("nan")
+    for _ in range(steps):
+        w, h = rng.randint(24, 900), rng.randint(24, 900)
+        image = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+        labels = rng.sample(_TEACH_LABELS, rng.randint(1, 3))
+        prompt = rng.choice(_TEACH_PROMPTS).format(label=labels[0], labels=", ".join(labels))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        head = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        pixels = {"min_pixels": 32 * 32, "max_pixels": rng.choice((16 * 1024, 64 * 1024, 300 * 1024, 1_003_520))}
+        enc = processor(text=[head + answer + "<|im_end|>"], images=[image], return_tensors="pt", **pixels)
+        n_head = processor(text=[head], images=[image], return_tensors="pt", **pixels)["input_ids"].shape[1]
+        target = enc["input_ids"].clone()
+        target[:, :n_head] = -100
+        loss = model(**enc, labels=target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+    model.eval()
+    return loss_value
+
+
+def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = False, teach: bool = True) -> Path:
     """Write a loadable checkpoint folder (config, weights, tokenizer, processor) and return it.
 
     ``full_size=True`` writes the whole EGM-4B architecture (about 9 GB of bf16 weights);
-    benchmarks should call :func:`build_model_and_processor` instead.
+    benchmarks should call :func:`build_model_and_processor` instead. The tiny model is
+    ``teach``-ed EGM's answer format (:func:`teach_answer`) so demos and tests get boxes.
     """
     import torch
 
@@ -302,9 +357,48 @@ def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = Fal
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if full_size else torch.float32
     model, processor = build_model_and_processor(full_size=full_size, device="cpu", dtype=dtype, seed=seed)
+    taught = teach and not full_size
+    if taught:
+        teach_answer(model, processor, seed=seed)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / "egm_tiny_model.json").write_text(
-        json.dumps({"version": TINY_MODEL_VERSION, "seed": seed, "full_size": full_size}) + "\n"
+        json.dumps({"version": TINY_MODEL_VERSION, "seed": seed, "full_size": full_size, "taught": taught}) + "\n"
     )
     return out_dir
+
+
+def _cached_ok(folder: Path, teach: bool) -> bool:
+    marker = folder / "egm_tiny_model.json"
+    if not (marker.is_file() and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    try:
+        meta = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    return meta.get("version") == TINY_MODEL_VERSION and meta.get("taught", False) == teach
+
+
+def ensure_tiny_checkpoint(cache_root: Path, *, teach: bool = True) -> Path:
+    """The cached tiny checkpoint ``cache_root/tiny-model-v<N>[-random]``, built if missing.
+
+    ``teach=False`` keeps the purely random weights (engine tests compare decoding paths on
+    them: varied, image-dependent text). Built in a private folder and renamed into place,
+    so parallel builders are safe.
+    """
+    import os
+    import shutil
+
+    target = Path(cache_root) / f"tiny-model-v{TINY_MODEL_VERSION}{'' if teach else '-random'}"
+    if _cached_ok(target, teach):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tiny-model-build-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_checkpoint(tmp, seed=0, teach=teach)
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

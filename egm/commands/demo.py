@@ -30,9 +30,10 @@ DEMO_CONFIG = """<View>
   <TextArea name="reasoning" toName="image" perRegion="true" editable="true" displayMode="region-list"/>
 </View>"""
 TINY_WARNING = """
-  NOTE: no EGM weights configured (MODEL_DIR unset), so this demo ran a tiny RANDOM-WEIGHT
-  Qwen3-VL built locally. Its text and boxes are meaningless; the run shows the plumbing
-  (queue, worker, transformers engine, parser, Label Studio format) works end to end.
+  NOTE: no EGM weights configured (MODEL_DIR unset), so this demo ran a tiny random-weight
+  Qwen3-VL built locally and taught only EGM's answer FORMAT (one fixed box for every image).
+  Its reasoning and boxes are MEANINGLESS; the run shows the plumbing (queue, worker,
+  transformers engine, parser, confidence, Label Studio format) works end to end.
   To use EGM:  MODEL_DIR=/path/to/EGM-4B egm-assist demo   (or EGM_MODEL_ID=nvidia/EGM-4B
   where the hub is reachable; GPU recommended: EGM_DEVICE=cuda).
 """
@@ -54,13 +55,11 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _tiny_model_dir() -> Path:
-    from worker.tiny_model import build_tiny_checkpoint
+    from worker.tiny_model import ensure_tiny_checkpoint
 
-    target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "egm-assist" / "tiny-model-v1"
-    if not (target / "config.json").is_file():
-        print(f"building the tiny random model in {target} ...", flush=True)
-        build_tiny_checkpoint(target)
-    return target
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "egm-assist"
+    print(f"using the tiny model in {cache} (built on first use, ~20 s) ...", flush=True)
+    return ensure_tiny_checkpoint(cache)
 
 
 def run(args) -> int:
@@ -77,7 +76,7 @@ def run(args) -> int:
     tiny = engine == "hf" and not os.environ.get("MODEL_DIR")
     if tiny:
         env["MODEL_DIR"] = str(_tiny_model_dir())
-        env.setdefault("EGM_MAX_NEW_TOKENS", os.environ.get("EGM_MAX_NEW_TOKENS", "48"))
+        env["EGM_MAX_NEW_TOKENS"] = os.environ.get("EGM_MAX_NEW_TOKENS", "128")
         env["EGM_DEVICE"] = os.environ.get("EGM_DEVICE", "cpu")
 
     procs = []
