@@ -11,8 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from rq import Worker
 from rq.job import Job
+from rq.registry import StartedJobRegistry
 
 from egm import processes
 from egm.contract import BatchJob, Priority, Query, TaskJob
@@ -45,9 +45,10 @@ class Workers:
                     "EGM_LOCAL_FILES_ROOT": str(label_studio.local_files_root), "EGM_BATCH_SIZE": BATCH, **env}
         self.procs: dict[str, object] = {}
 
-    def start(self, *names: str) -> "Workers":
+    def start(self, *names: str, **env: str) -> "Workers":
         for name in names:
-            self.procs[name] = spawn_worker(self.settings, self.tmp / f"{name}.log", "--name", name, **self.env)
+            self.procs[name] = spawn_worker(self.settings, self.tmp / f"{name}.log", "--name", name,
+                                            **{**self.env, **env})
         return self
 
     def kill(self, name: str) -> None:
@@ -125,16 +126,22 @@ def test_bulk_run_predicts_every_task_once_keeps_failures_and_reruns_compute_not
         workers.stop()
 
 
-def _current_job(queue: QueueClient, name: str) -> str | None:
-    worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=queue.redis)
-    return worker.get_current_job_id() if worker is not None else None
+def _running_job_of(queue: QueueClient, worker_name: str) -> str | None:
+    """The bulk job ``worker_name`` is executing right now, if any (from RQ's started registry)."""
+    serializer = queue.queues[Priority.bulk].serializer
+    for job_id in StartedJobRegistry(queue=queue.queues[Priority.bulk]).get_job_ids():
+        job = Job.fetch(job_id, connection=queue.redis, serializer=serializer)
+        if job.worker_name == worker_name and job.get_status() == "started":
+            return job_id
+    return None
 
 
 def test_killed_worker_and_interrupted_cli_still_predict_every_task_exactly_once(label_studio, ls_env, tmp_path):
     pid, ids, urls = add_image_tasks(label_studio, 160, seed=2)
     queue = QueueClient(ls_env)
     runs = RunStore(queue.redis, queue.prefix)
-    workers = Workers(ls_env, label_studio, tmp_path, EGM_SCRIPTED_DELAY_S="0.25").start("a", "b")
+    workers = Workers(ls_env, label_studio, tmp_path, EGM_SCRIPTED_DELAY_S="0.25").start("b")
+    workers.start("a", EGM_SCRIPTED_DELAY_S="5")  # a's batches are long: it is surely inside one when killed
     env = {**worker_env(ls_env), "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
            "EGM_BATCH_SIZE": BATCH}
     cli = processes.spawn(["prelabel", "--project", str(pid), "--quiet"], env, tmp_path / "cli.log")
@@ -151,8 +158,10 @@ def test_killed_worker_and_interrupted_cli_still_predict_every_task_exactly_once
         assert queue.result(interactive.job_id).results[0].status == "ok"
         assert runs.progress(run_id).resolved < 160
 
-        abandoned = wait_until(lambda: _current_job(queue, "a"), what="worker a to be inside a batch")
+        abandoned = wait_until(lambda: _running_job_of(queue, "a"), what="worker a to be inside a batch")
         workers.kill("a")  # SIGKILL in the middle of a batch
+        assert Job.fetch(abandoned, connection=queue.redis,
+                         serializer=queue.queues[Priority.bulk].serializer).get_status() == "started"
         processes.stop(cli, sig=signal.SIGINT)  # Ctrl-C on the CLI
         assert cli.returncode == 130
         workers.start("c")  # a replacement worker
@@ -162,7 +171,7 @@ def test_killed_worker_and_interrupted_cli_still_predict_every_task_exactly_once
         processes.stop(cli)
         workers.stop()
     assert summary["progress"]["done"] == 160 and summary["failed"] == []
-    # the killed worker's batch itself was taken up again by another worker
+    # the killed worker's batch itself was taken up again (after its heartbeat expired) by another worker
     assert Job.fetch(abandoned, connection=queue.redis,
                      serializer=queue.queues[Priority.bulk].serializer).get_status() == "finished"
     preds = predictions_by_task(label_studio, pid)
