@@ -51,6 +51,20 @@ redis.call('HSET', KEYS[2], 'updated_at', now[1] + now[2] / 1000000)
 return changed
 """
 
+# KEYS: seen hash, run hash. ARGV: task keys to forget (tasks no longer in the source).
+_FORGET_LUA = """
+local n = 0
+for i = 1, #ARGV do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('HINCRBY', KEYS[2], 'n_' .. old, -1)
+    n = n + 1
+  end
+end
+return n
+"""
+
 
 def task_key(task_id: int | None, ref: str | None) -> str:
     """How a run names a task: its Label Studio id, else its reference (path, URL, manifest key)."""
@@ -122,6 +136,7 @@ class RunStore:
         self.redis = connection
         self.prefix = prefix
         self._record = connection.register_script(_RECORD_LUA)
+        self._forget = connection.register_script(_FORGET_LUA)
 
     def key(self, run_id: str, *parts: str) -> str:
         return redis_key(self.prefix, "run", run_id, *parts)
@@ -178,6 +193,15 @@ class RunStore:
     def mark_skipped(self, run_id: str, task_keys: Iterable[str]) -> int:
         """Tasks that already have a prediction of this run's model_version (kept ``ok`` if this run made it)."""
         return self.mark(run_id, {k: "skipped" for k in task_keys}, skip_mode=True)
+
+    def forget(self, run_id: str, task_keys: Iterable[str]) -> int:
+        """Drop tasks that left the source (files removed, tasks deleted) so the counters match it."""
+        keys = list(task_keys)
+        if not keys:
+            return 0
+        n = int(self._forget(keys=[self.key(run_id, "seen"), self.key(run_id)], args=keys))
+        self.redis.hdel(self.key(run_id, "failed"), *keys)
+        return n
 
     def statuses(self, run_id: str, task_keys: list[str] | None = None) -> dict[str, str]:
         """Status of the given tasks (all tasks of the run when ``None``); unknown tasks are absent."""

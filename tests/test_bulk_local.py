@@ -318,3 +318,23 @@ def test_which_failures_are_transient():
     assert not any(is_transient(failed(k)) for k in ("image:decode", "image:blocked", "image:too_large", "parse"))
     assert not is_transient(TaskResult(task_id=1, status="ok"))
     assert backoff_s(2.0, 1) == 2.0 and backoff_s(2.0, 3) == 8.0 and backoff_s(2.0, 30) == 300.0
+
+
+def test_a_changed_folder_is_planned_as_it_is_now(settings, data, tmp_path):
+    write_images(data, 8)
+    run = make_run(settings, data, tmp_path / "out")
+    run.start()
+    work(settings, ScriptedEngine())
+    assert run.finish(run.follow(timeout_s=30)).progress.done == 8
+    (data / "img0000.png").unlink()
+    (data / "img0001.png").unlink()
+    write_images(tmp_path / "more", 1, seed=9)[0].rename(data / "new.png")
+    again = make_run(settings, data, tmp_path / "out")
+    plan = again.start()
+    assert (plan.total, plan.done, plan.enqueued_tasks) == (7, 6, 1)
+    work(settings, ScriptedEngine())
+    outcome = again.finish(again.follow(timeout_s=30))
+    assert outcome.complete and (outcome.progress.total, outcome.progress.done) == (7, 7)
+    tasks = json.loads((tmp_path / "out" / LS_IMPORT_FILE).read_text())
+    assert sorted(t["data"]["egm_ref"] for t in tasks) == sorted(
+        [f"data/img{i:04d}.png" for i in range(2, 8)] + ["data/new.png"])

@@ -124,7 +124,9 @@ class Planner:
                 batches, skipped, rejected = [], [], []
         if pending:
             batches.append(self._batch(pending))
-        self._flush(report, batches, skipped, rejected)
+        if self._flush(report, batches, skipped, rejected):
+            # tasks this run knew that are no longer in the source must not count towards it
+            self.runs.forget(run_id, [k for k in statuses if k not in report.images])
         self.runs.set_total(run_id, report.total)
         return report
 

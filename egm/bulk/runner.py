@@ -236,6 +236,8 @@ class BulkRun:
         """Tasks a worker finished whose results are not in the local log yet and cannot be fetched."""
         self.collector.collect()
         ok = {k for k, s in self.runs.statuses(self.run_id).items() if s in ("ok", "cached")}
+        if self.plan_report is not None:
+            ok &= set(self.plan_report.images)
         missing = ok - self.collector.done
         if missing:  # a worker between its two writes (status, then finished log): fetch by assignment
             assign = self.runs.assignments(self.run_id)
