@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from egm.bulk.errors import service_errors
 from egm.commands._common import settings_from_flags
 
 
@@ -13,6 +14,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_command)
 
 
+@service_errors
 def run_command(args) -> int:
     from egm.bulk.jobs import cancel_run
     from egm.queue import QueueClient

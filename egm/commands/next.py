@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from egm.bulk.errors import service_errors
 from egm.commands._common import settings_from_flags
 
 
@@ -23,6 +24,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_command)
 
 
+@service_errors
 def run_command(args) -> int:
     from egm.active_learning import next_candidates, view_for
     from egm.labelstudio import LabelStudioClient, LabelStudioError

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from egm.bulk.errors import service_errors
 from egm.commands._common import settings_from_flags
 
 
@@ -56,6 +57,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_command)
 
 
+@service_errors
 def run_command(args) -> int:
     from egm.bulk.progress import ProgressPrinter
     from egm.bulk.runner import BulkRun

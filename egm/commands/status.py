@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from egm.bulk.errors import service_errors
 from egm.commands._common import settings_from_flags
 
 
@@ -18,6 +19,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_command)
 
 
+@service_errors
 def run_command(args) -> int:
     from egm.queue import QueueClient
     from egm.runs import RunStore
