@@ -131,12 +131,16 @@ class QueueClient:
         result = self.result(job_id)
         if result is None:
             return None
+        # Answered here: the markers need only outlive the result (afterwards nobody can deliver it).
+        ttl = max(60, self.settings.result_ttl_s)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.key("deliver", job_id), "backend", nx=True, ex=HANDOFF_TTL_S)
-            # answered here: the late sweep has nothing to do for it
+            pipe.set(self.key("deliver", job_id), "backend", nx=True, ex=ttl)
+            # and the late sweep has nothing to do for it
             pipe.zrem(self.key("late"), job_id)
             pipe.hdel(self.key("late-project"), job_id)
             won = pipe.execute()[0]
+        if won:
+            self.redis.expire(self.key("handoff", job_id), ttl)
         return result if won else None
 
     def hand_off(self, job_id: str) -> BatchResult | None:
