@@ -18,7 +18,6 @@ import logging
 import signal
 import socket
 import threading
-import time
 import uuid
 
 import redis
