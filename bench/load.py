@@ -345,8 +345,8 @@ def table(report: LoadReport) -> str:
         ("interactive calls", f"{report.interactive_calls} from {s.interactive_clients} clients, "
                               f"{report.interactive_during_bulk} during the bulk run "
                               f"({report.interactive_empty} empty, {len(report.interactive_errors)} errors)"),
-        ("interactive latency", f"(during bulk) p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, p99 {lat['p99']:.3f} s, "
-                                f"max {lat['max']:.3f} s"),
+        ("interactive latency", f"(during bulk) p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s, "
+                                f"p99 {lat['p99']:.3f} s, max {lat['max']:.3f} s"),
         ("Redis used_memory", f"before {mem['before'] / 2**20:.1f} MiB, peak {mem['peak'] / 2**20:.1f} MiB, "
                               f"after {mem['after'] / 2**20:.1f} MiB"),
         ("keys after", f"{report.keys_after} ({len(report.unbounded_keys)} without TTL outside fixed structures)"),

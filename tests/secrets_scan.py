@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 #: A credential after an Authorization header / token field, whatever the secret is.
-_HEADER = re.compile(r"(?i)authorization[\"']?\s*[:=]\s*[\"']?(?:token|bearer|basic)\s+(?!\*\*\*)[A-Za-z0-9._~+/=-]{6,}")
+_HEADER = re.compile(r"(?i)authorization[\"']?\s*[:=]\s*[\"']?(?:token|bearer|basic)\s+"
+                     r"(?!\*\*\*)[A-Za-z0-9._~+/=-]{6,}")
 MIN_SECRET_LEN = 6
 
 
