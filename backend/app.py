@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from backend.auth import require_auth
-from backend.labeling import LabelingConfigError, parse_labeling_config
+from egm.labeling import LabelingConfigError, parse_labeling_config
 from backend.metrics import MetricsCollector
 from backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
                             SetupResponse, WebhookEvent)

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from backend.labeling import LabelingConfig, extract_prompt, parse_labeling_config
+from egm.labeling import LabelingConfig, extract_prompt, parse_labeling_config
 from backend.models import PredictRequest, PredictResponse, Prediction
 from config.settings import Settings
 from egm.contract import BatchJob, Priority, TaskJob, TaskResult

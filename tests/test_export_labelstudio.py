@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from backend.labeling import parse_labeling_config
+from egm.labeling import parse_labeling_config
 from backend.metrics import MetricsCollector
 from backend.models import WebhookEvent
 from backend.webhook import WebhookHandler

@@ -1,4 +1,4 @@
-"""Labeling-config reading (backend/labeling.py) and the shipped templates."""
+"""Labeling-config reading (egm/labeling.py) and the shipped templates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.labeling import LabelingConfigError, clear_cache, extract_prompt, parse_labeling_config
+from egm.labeling import LabelingConfigError, clear_cache, extract_prompt, parse_labeling_config
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "config" / "labeling"
 

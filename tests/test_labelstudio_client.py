@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backend.labeling import parse_labeling_config
+from egm.labeling import parse_labeling_config
 from egm.labelstudio import KeyKind, LabelStudioClient, LabelStudioError, key_kind
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "config" / "labeling"

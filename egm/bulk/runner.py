@@ -44,7 +44,7 @@ NO_WORKER_WARNING_S = 10.0
 
 def label_studio_spec(settings: Settings, client, project_id: int, model_version: str, *,
                       view_id: int | None = None, filters: dict | None = None) -> RunSpec:
-    from backend.labeling import parse_labeling_config
+    from egm.labeling import parse_labeling_config
 
     project = client.get_project(project_id)
     config = parse_labeling_config(project.label_config)
@@ -59,7 +59,7 @@ def label_studio_spec(settings: Settings, client, project_id: int, model_version
 def local_target(labels: list[str], label_config: str | None = None) -> LabelTarget:
     """Where boxes go in the import file: from a labeling config, else the names of config/labeling/*.xml."""
     if label_config:
-        from backend.labeling import parse_labeling_config
+        from egm.labeling import parse_labeling_config
 
         config = parse_labeling_config(label_config)
         return config.target.model_copy(update={"image_key": config.image_value_key})

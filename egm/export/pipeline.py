@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from backend.labeling import LabelingConfig, LabelingConfigError, parse_labeling_config
+from egm.labeling import LabelingConfig, LabelingConfigError, parse_labeling_config
 from config.settings import Settings
 from egm.export.accepted import Chosen, ReviewPolicy, Selection, SelectionOptions, select_accepted
 from egm.export.coco import CocoImage, write_coco
