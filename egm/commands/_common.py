@@ -16,3 +16,21 @@ def settings_from_flags(**env: object) -> Settings:
     settings = reload_settings()
     configure_logging(settings)
     return settings
+
+
+def open_runs(**env: object):
+    """Settings, a queue client and the run store, for the commands that inspect bulk runs."""
+    from egm.queue import QueueClient
+    from egm.runs import RunStore
+
+    settings = settings_from_flags(**env)
+    queue = QueueClient(settings)
+    return settings, queue, RunStore(queue.redis, queue.prefix)
+
+
+def add_follow_args(parser) -> None:
+    """Options of the commands that enqueue a bulk run and follow it."""
+    parser.add_argument("--no-wait", action="store_true", help="enqueue and return; follow with `status RUN --watch`")
+    parser.add_argument("--timeout", type=float, help="stop following after this many seconds (the run goes on)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")

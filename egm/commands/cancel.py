@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from egm.bulk.errors import service_errors
-from egm.commands._common import settings_from_flags
+from egm.commands._common import open_runs
 
 
 def register(sub) -> None:
@@ -17,12 +17,8 @@ def register(sub) -> None:
 @service_errors
 def run_command(args) -> int:
     from egm.bulk.jobs import cancel_run
-    from egm.queue import QueueClient
-    from egm.runs import RunStore
 
-    settings = settings_from_flags()
-    queue = QueueClient(settings)
-    runs = RunStore(queue.redis, queue.prefix)
+    _, queue, runs = open_runs()
     if runs.progress(args.run) is None:
         print(f"error: no run {args.run!r} (see `egm-assist status`)", file=sys.stderr)
         return 2

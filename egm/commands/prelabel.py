@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from egm.bulk.errors import service_errors
-from egm.commands._common import settings_from_flags
+from egm.commands._common import add_follow_args, settings_from_flags
 
 
 def register(sub) -> None:
@@ -50,10 +50,7 @@ def register(sub) -> None:
     run.add_argument("--devices", help="devices for --local-workers, one per worker in turn, e.g. cuda:0,cuda:1")
     run.add_argument("--engine", choices=["hf", "vllm", "openai", "scripted"], help="engine of --local-workers")
     run.add_argument("--retry-failed", action="store_true", help="also retry tasks that failed in an earlier run")
-    run.add_argument("--no-wait", action="store_true", help="enqueue and return; follow with `status RUN --watch`")
-    run.add_argument("--timeout", type=float, help="stop following after this many seconds (the run goes on)")
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_follow_args(run)
     p.set_defaults(func=run_command)
 
 

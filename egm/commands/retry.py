@@ -6,17 +6,14 @@ import sys
 from pathlib import Path
 
 from egm.bulk.errors import service_errors
-from egm.commands._common import settings_from_flags
+from egm.commands._common import add_follow_args, open_runs
 
 
 def register(sub) -> None:
     p = sub.add_parser("retry", help="retry the failed tasks of a bulk run")
     p.add_argument("run", help="run id (see `egm-assist status`)")
     p.add_argument("--local-workers", type=int, default=0, help="start N workers for this command")
-    p.add_argument("--no-wait", action="store_true", help="enqueue and return")
-    p.add_argument("--timeout", type=float, help="stop following after this many seconds")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_follow_args(p)
     p.set_defaults(func=run_command)
 
 
@@ -26,12 +23,9 @@ def run_command(args) -> int:
     from egm.bulk.runner import BulkRun
     from egm.bulk.session import EXIT_USAGE, DriveOptions, drive
     from egm.bulk.spec import RunSpec
-    from egm.queue import QueueClient
-    from egm.runs import RunStore
 
-    settings = settings_from_flags()
-    queue = QueueClient(settings)
-    raw = RunStore(queue.redis, queue.prefix).spec(args.run)
+    settings, queue, runs = open_runs()
+    raw = runs.spec(args.run)
     if raw is None:
         print(f"error: no run {args.run!r} with a stored spec (see `egm-assist status`)", file=sys.stderr)
         return EXIT_USAGE

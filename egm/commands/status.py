@@ -7,7 +7,7 @@ import sys
 import time
 
 from egm.bulk.errors import service_errors
-from egm.commands._common import settings_from_flags
+from egm.commands._common import open_runs
 
 
 def register(sub) -> None:
@@ -21,12 +21,8 @@ def register(sub) -> None:
 
 @service_errors
 def run_command(args) -> int:
-    from egm.queue import QueueClient
-    from egm.runs import RunStore
 
-    settings = settings_from_flags()
-    queue = QueueClient(settings)
-    runs = RunStore(queue.redis, queue.prefix)
+    _, queue, runs = open_runs()
     if not args.run:
         return _list_runs(queue, runs, args)
     progress = runs.progress(args.run)
