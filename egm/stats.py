@@ -16,6 +16,9 @@ import redis
 
 from egm.contract import BatchJob, BatchResult, redis_key
 
+#: throughput is counted in buckets of this many seconds, kept for an hour
+RATE_BUCKET_S = 10
+RATE_KEEP_S = 3600
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 900)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -35,7 +38,29 @@ def parse_field(raw: str) -> tuple[str, dict[str, str]]:
 class StatsStore:
     def __init__(self, connection: redis.Redis, prefix: str) -> None:
         self.redis = connection
+        self.prefix = prefix
         self.key = redis_key(prefix, "stats")
+
+    def _rate_key(self, bucket: int) -> str:
+        return redis_key(self.prefix, "rate", bucket)
+
+    def count_finished(self, n: int, pipe=None, now: float | None = None) -> None:
+        """Count finished tasks in a short time bucket (for the recent throughput)."""
+        target = pipe if pipe is not None else self.redis
+        key = self._rate_key(int((now or time.time()) // RATE_BUCKET_S))
+        target.incrby(key, n)
+        target.expire(key, RATE_KEEP_S)
+
+    def recent_rate(self, window_s: float = 60.0, now: float | None = None) -> float:
+        """Tasks per second finished by the whole fleet over the last ``window_s`` seconds."""
+        now = now or time.time()
+        current = int(now // RATE_BUCKET_S)
+        n_buckets = max(1, int(window_s // RATE_BUCKET_S))
+        buckets = range(current - n_buckets + 1, current + 1)
+        counts = self.redis.mget([self._rate_key(b) for b in buckets])
+        total = sum(int(c) for c in counts if c)
+        span = (n_buckets - 1) * RATE_BUCKET_S + (now - current * RATE_BUCKET_S)
+        return total / max(span, 1e-6)
 
     def incr(self, name: str, amount: float = 1, pipe=None, **labels: str) -> None:
         target = pipe if pipe is not None else self.redis
@@ -56,6 +81,7 @@ class StatsStore:
             self.incr("egm_jobs_total", pipe=pipe, priority=prio)
             for r in result.results:
                 self.incr("egm_tasks_total", pipe=pipe, priority=prio, status=r.status)
+            self.count_finished(len(result.results), pipe=pipe)
             self.incr("egm_parse_failures_total", stats.parse_failures, pipe=pipe)
             self.incr("egm_cache_hits_total", stats.cached_queries, pipe=pipe)
             self.incr("egm_engine_queries_total", stats.engine_queries, pipe=pipe)

@@ -130,3 +130,32 @@ def test_delivery_handshake_gives_the_result_to_exactly_one_side(settings):
     run_worker(settings, engine=ScriptedEngine(), burst=True)
     assert queue.claim_for_response(job2.job_id) is not None
     assert queue.worker_must_deliver(job2.job_id) is False
+
+
+def test_status_shows_queues_workers_and_throughput(settings):
+    import os
+    import subprocess
+    import sys
+
+    queue = QueueClient(settings)
+    queue.enqueue(batch_job(sample_images()))
+    queue.enqueue(batch_job(sample_images()[:1]))  # stays queued: the worker below takes one job
+    run_worker(settings, engine=ScriptedEngine(), burst=True, max_jobs=1)
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "EGM_QUEUE_PREFIX": settings.queue_prefix}
+    out = subprocess.run([sys.executable, "-m", "egm.cli", "status"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "bulk: 1 queued, 0 running" in out.stdout
+    assert f"tasks:   ok {len(sample_images())}, failed 0" in out.stdout
+    rate = float(out.stdout.split("throughput ")[1].split()[0])
+    assert rate > 0
+
+
+def test_recent_rate_counts_only_the_window(settings):
+    from egm.stats import StatsStore
+
+    stats = StatsStore(QueueClient(settings).redis, settings.queue_prefix)
+    now = 1_000_000.0
+    stats.count_finished(600, now=now - 5)      # inside the last minute
+    stats.count_finished(999, now=now - 3600)   # long ago
+    assert 600 / 61 <= stats.recent_rate(60, now=now) <= 600 / 50

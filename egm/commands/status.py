@@ -78,12 +78,35 @@ def _list_runs(queue, runs, args) -> int:
         print(json.dumps({"runs": [p.as_dict() for p in items], "queues": queue.depths(),
                           "workers": _workers(queue)}, indent=1))
         return 0
-    if not items:
-        print("no bulk runs yet (start one with `egm-assist prelabel`)")
+    _fleet(queue)
+    print("runs:" if items else "runs: none yet (start one with `egm-assist prelabel`)")
     for p in items:
-        print(f"{p.run_id:40} {p.state:10} {p.resolved:>7}/{p.total:<7} failed {p.failed:<5} {p.source}")
-    print(f"workers: {_workers(queue)}")
+        print(f"  {p.run_id:40} {p.state:10} {p.resolved:>7}/{p.total:<7} failed {p.failed:<5} {p.source}")
     return 0
+
+
+def _fleet(queue) -> None:
+    """Queues, workers and throughput at a glance."""
+    from rq import Worker
+
+    from egm.stats import StatsStore, parse_field
+
+    print("queues:  " + "   ".join(f"{name}: {d['queued']} queued, {d['started']} running, {d['failed']} failed"
+                                   for name, d in queue.depths().items()))
+    workers = {w.name: w for q in queue.queues.values() for w in Worker.all(queue=q)}
+    print(f"workers: {len(workers)}")
+    for w in sorted(workers.values(), key=lambda w: w.name):
+        job = w.get_current_job_id() or "-"
+        print(f"  {w.name:36} {w.get_state():9} job {job[:12]:12} done {w.successful_job_count:>6} "
+              f"failed {w.failed_job_count:>4} busy {w.total_working_time:8.1f} s")
+    stats = StatsStore(queue.redis, queue.prefix)
+    totals: dict[str, float] = {}
+    for raw, value in stats.snapshot().items():
+        name, labels = parse_field(raw)
+        if name == "egm_tasks_total":
+            totals[labels.get("status", "?")] = totals.get(labels.get("status", "?"), 0) + value
+    print(f"tasks:   ok {int(totals.get('ok', 0))}, failed {int(totals.get('failed', 0))}; "
+          f"throughput {stats.recent_rate(60):.1f} tasks/s over the last minute")
 
 
 def _watch(runs, run_id: str):
