@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--workers", default="1,2,4")
-    p.add_argument("--batch-sizes", default="8,32", help="tasks per batch job (EGM_BATCH_SIZE)")
+    p.add_argument("--batch-sizes", default="8,32", help="tasks per batch job (EGM_BULK_BATCH_SIZE)")
     p.add_argument("--modes", default="label_studio,local")
     p.add_argument("--machine", default=f"cpu{os.cpu_count()}")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the best is kept)")
@@ -78,7 +78,7 @@ class Bench:
 
     def env(self, prefix: str, files_root: Path, batch_size: int) -> dict[str, str]:
         env = {"REDIS_URL": self.redis_url, "EGM_QUEUE_PREFIX": prefix, "EGM_ENGINE": "scripted",
-               "EGM_BATCH_SIZE": str(batch_size), "EGM_LOCAL_FILES_ROOT": str(files_root),
+               "EGM_BULK_BATCH_SIZE": str(batch_size), "EGM_LOCAL_FILES_ROOT": str(files_root),
                "EGM_LOG_LEVEL": "WARNING", "EGM_LOG_FORMAT": "json", "EGM_HEARTBEAT_S": "5"}
         if self.ls is not None:
             env.update({"LABEL_STUDIO_URL": self.ls.url, "LABEL_STUDIO_API_KEY": self.ls.token})

@@ -133,8 +133,13 @@ class Settings(BaseSettings):
                                 description="Generation budget per image (EGM answers are ~100 tokens).")
     temperature: float = Field(0.0, validation_alias=_env("EGM_TEMPERATURE"),
                                description="0 means greedy decoding, as EGM is evaluated.")
+    bulk_batch_size: int = Field(
+        64, validation_alias=_env("EGM_BULK_BATCH_SIZE"),
+        description="Tasks per bulk batch job (prelabel). Large jobs amortise the Label Studio write "
+                    "(one import request per job); the engine still runs EGM_BATCH_SIZE images at a time.",
+    )
     batch_size: int = Field(8, validation_alias=_env("EGM_BATCH_SIZE"),
-                            description="Tasks per batch job (bulk) and per engine call.")
+                            description="Images per engine call, and tasks per interactive batch job.")
     compile: bool = Field(False, validation_alias=_env("EGM_COMPILE"),
                           description="hf engine: static KV cache + torch.compile of the decode step (GPU).")
     openai_base_url: str = Field("http://127.0.0.1:8000/v1", validation_alias=_env("EGM_OPENAI_BASE_URL"),

@@ -31,7 +31,7 @@ def ls_env(label_studio, egm_env, monkeypatch):
     """The CLI (in this process) and the workers (subprocesses) talk to this Label Studio and Redis."""
     monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
-    monkeypatch.setenv("EGM_BATCH_SIZE", BATCH)
+    monkeypatch.setenv("EGM_BULK_BATCH_SIZE", BATCH)
     monkeypatch.setenv("EGM_HEARTBEAT_S", "1")
     from config.settings import reload_settings
 
@@ -42,7 +42,7 @@ class Workers:
     def __init__(self, settings, label_studio, tmp: Path, **env: str) -> None:
         self.settings, self.tmp = settings, tmp
         self.env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
-                    "EGM_LOCAL_FILES_ROOT": str(label_studio.local_files_root), "EGM_BATCH_SIZE": BATCH, **env}
+                    "EGM_LOCAL_FILES_ROOT": str(label_studio.local_files_root), "EGM_BULK_BATCH_SIZE": BATCH, **env}
         self.procs: dict[str, object] = {}
 
     def start(self, *names: str, **env: str) -> "Workers":
@@ -143,7 +143,7 @@ def test_killed_worker_and_interrupted_cli_still_predict_every_task_exactly_once
     workers = Workers(ls_env, label_studio, tmp_path, EGM_SCRIPTED_DELAY_S="0.25").start("b")
     workers.start("a", EGM_SCRIPTED_DELAY_S="5")  # a's batches are long: it is surely inside one when killed
     env = {**worker_env(ls_env), "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
-           "EGM_BATCH_SIZE": BATCH}
+           "EGM_BULK_BATCH_SIZE": BATCH}
     cli = processes.spawn(["prelabel", "--project", str(pid), "--quiet"], env, tmp_path / "cli.log")
     try:
         run_id = wait_until(lambda: next(iter(runs.runs()), None), what="the run to appear")

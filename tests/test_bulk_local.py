@@ -37,7 +37,7 @@ def data(tmp_path) -> Path:
 def settings(egm_env, monkeypatch, data):
     monkeypatch.setenv("EGM_LOCAL_FILES_ROOT", str(data.parent))  # workers read everything under tmp_path
     monkeypatch.setenv("EGM_HEARTBEAT_S", "1")
-    monkeypatch.setenv("EGM_BATCH_SIZE", "4")
+    monkeypatch.setenv("EGM_BULK_BATCH_SIZE", "4")
     monkeypatch.setenv("EGM_ENGINE", "scripted")
     monkeypatch.setenv("EGM_TASK_RETRY_BACKOFF_S", "0.05")
     from config.settings import reload_settings

@@ -52,7 +52,7 @@ def label_studio_spec(settings: Settings, client, project_id: int, model_version
     queries = build_queries(target, load_templates(settings), settings.prompt_mode)
     run_id = label_studio_run_id(client.url, project_id, view_id, filters, model_version)
     return RunSpec(run_id=run_id, kind="label_studio", model_version=model_version, target=target,
-                   queries=queries, batch_size=settings.batch_size, project_id=project_id, view_id=view_id,
+                   queries=queries, batch_size=settings.bulk_batch_size, project_id=project_id, view_id=view_id,
                    filters=filters, label_studio_url=client.url)
 
 
@@ -74,7 +74,7 @@ def local_spec(settings: Settings, *, source: Path, source_kind: str, files_root
     queries = build_queries(target, load_templates(settings), settings.prompt_mode)
     source_path = str(source.resolve())
     return RunSpec(run_id=local_run_id(source_path, target.labels, model_version), kind="local",
-                   model_version=model_version, target=target, queries=queries, batch_size=settings.batch_size,
+                   model_version=model_version, target=target, queries=queries, batch_size=settings.bulk_batch_size,
                    source_path=source_path, source_kind=source_kind, files_root=str(files_root.resolve()),
                    out_dir=str(out_dir.resolve()), image_url_prefix=image_url_prefix)
 

@@ -44,7 +44,7 @@ def register(sub) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--model-version", help="model_version to predict as (default: computed from the settings)")
     run.add_argument("--backend", help="take the model_version from this running ML backend (its /health)")
-    run.add_argument("--batch-size", type=int, help="tasks per batch job (EGM_BATCH_SIZE)")
+    run.add_argument("--batch-size", type=int, help="tasks per batch job (EGM_BULK_BATCH_SIZE, default 64)")
     run.add_argument("--local-workers", type=int, default=0,
                      help="start N workers for this command (default 0: use the workers already running)")
     run.add_argument("--devices", help="devices for --local-workers, one per worker in turn, e.g. cuda:0,cuda:1")
@@ -62,7 +62,7 @@ def run_command(args) -> int:
     from egm.bulk.sources import SourceError
 
     settings = settings_from_flags(LABEL_STUDIO_URL=args.ls_url, LABEL_STUDIO_API_KEY=args.ls_key,
-                                   EGM_BATCH_SIZE=args.batch_size, EGM_ENGINE=args.engine)
+                                   EGM_BULK_BATCH_SIZE=args.batch_size, EGM_ENGINE=args.engine)
     printer = ProgressPrinter(enabled=not args.quiet)
     options = DriveOptions(wait=not args.no_wait, timeout_s=args.timeout, retry_failed=args.retry_failed,
                            set_project_version=not args.keep_project_version, as_json=args.json,
