@@ -70,7 +70,9 @@ def run_batch(payload: dict) -> dict:
 def _deliver_late(rt: Runtime, job: BatchJob, result: BatchResult) -> int:
     """An interactive result: /predict's to answer until its deadline, ours to write after it."""
     if rt.queue.worker_must_deliver(job.job_id):
-        return _write_late(rt, job.project_id, result)
+        n = _write_late(rt, job.project_id, result)
+        log.info("delivered a late result past its deadline", extra={"job_id": job.job_id, "written": n})
+        return n
     due = rt.queue.handoff_due(job.job_id)
     if due is not None:
         # /predict may still answer; if it died waiting, the late sweep delivers after the deadline.
