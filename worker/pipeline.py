@@ -34,6 +34,16 @@ class QueryOutcome:
     cached: bool = False
     #: extra answers for the samples-agreement score (EGM_UNCERTAINTY=samples|both).
     samples: list[str] = field(default_factory=list)
+    _parsed: ParsedCompletion | None = field(default=None, repr=False)
+
+    @property
+    def parsed(self) -> ParsedCompletion | None:
+        """The parsed answer, parsed once (scores and boxes both need it)."""
+        if self.text is None:
+            return None
+        if self._parsed is None or self._parsed.text != self.text:
+            self._parsed = parse_completion(self.text)
+        return self._parsed
 
 
 @dataclass
@@ -128,7 +138,7 @@ class BatchProcessor:
                     o.error = out.error
                     continue
                 o.text = out.text
-                o.scores = box_scores(parse_completion(out.text), out.tokens, out.logprobs)
+                o.scores = box_scores(o.parsed, out.tokens, out.logprobs)
                 o.samples = _sample_texts(out, extra, k - 1)
                 if keys[0]:
                     to_store[keys[0]] = CachedOutput(text=o.text, box_scores=o.scores)
@@ -157,9 +167,9 @@ class BatchProcessor:
         reasonings: list[str] = []
         statuses: list[ParseStatus] = []
         for o in outcomes:
-            if o.text is None:
+            parsed = o.parsed
+            if parsed is None:
                 continue
-            parsed = parse_completion(o.text)
             statuses.append(parsed.status)
             boxes.extend(self._boxes(parsed, o, target, image))
             if parsed.reasoning:
@@ -182,8 +192,8 @@ class BatchProcessor:
 
     def _score(self, boxes: list[BoxResult], outcomes: list[QueryOutcome]) -> float | None:
         """The prediction's score (higher = surer); see egm.active_learning for the formula."""
-        per_query = [[[pb.box for pb in parse_completion(t).boxes] for t in [o.text, *o.samples]]
-                     for o in outcomes if o.text is not None and o.samples]
+        per_query = [[o.parsed.grid_boxes, *([pb.box for pb in parse_completion(t).boxes] for t in o.samples)]
+                     for o in outcomes if o.parsed is not None and o.samples]
         return prediction_score([b.score for b in boxes], samples_agreement(per_query), self.settings.uncertainty)
 
     def _boxes(self, parsed: ParsedCompletion, outcome: QueryOutcome, target: LabelTarget,
