@@ -41,6 +41,17 @@ def redis_key(prefix: str, *parts: str | int) -> str:
     return ":".join([prefix, *(str(p) for p in parts)])
 
 
+def written_key(prefix: str, model_version: str, task_id: int) -> str:
+    """Claim that the prediction of (task, model_version) is written to Label Studio (worker.delivery)."""
+    return redis_key(prefix, "written", model_version, task_id)
+
+
+#: ``TaskResult.error_kind`` of tasks whose prediction could not be written to Label Studio:
+#: it was unreachable past the worker's patience (worth retrying later) or refused the write.
+LS_UNAVAILABLE = "label_studio:unavailable"
+LS_REFUSED = "label_studio:refused"
+
+
 class LabelTarget(BaseModel):
     """Where boxes go in the labeling config, and which labels they may carry."""
 

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from egm.contract import BatchJob, BatchResult
+from egm.contract import LS_REFUSED, LS_UNAVAILABLE, BatchJob, BatchResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
 from egm.runs import RunStore
@@ -115,8 +115,8 @@ def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
 
     While Label Studio is unreachable the worker waits (backoff, up to ``EGM_LS_OUTAGE_WAIT_S``)
     rather than failing the job: the results are computed and a retried job would recompute
-    them. After that, or on a refusal of the whole write (4xx), the unwritten tasks fail with
-    ``error_kind`` ``label_studio`` and the reason, so they are listed, never silently lost.
+    them. After that the unwritten tasks fail as ``LS_UNAVAILABLE`` (bulk runs retry them later);
+    on a refusal (4xx) as ``LS_REFUSED``; always with the reason, so they are listed, never lost.
     """
     patience = rt.processor.settings.ls_outage_wait_s
     give_up_at = time.monotonic() + patience
@@ -126,27 +126,29 @@ def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
             report = rt.writer.write(project_id, result.results, result.model_version, owner=result.job_id)
             break
         except LabelStudioError as exc:
-            if not _transient(exc) or time.monotonic() + delay > give_up_at:
-                why = str(exc) if not _transient(exc) else f"Label Studio unavailable for {patience:.0f} s: {exc}"
-                return _fail_unwritten(rt, result, why)
+            if not _transient(exc):
+                return _fail_unwritten(rt, result, str(exc), LS_REFUSED)
+            if time.monotonic() + delay > give_up_at:
+                return _fail_unwritten(rt, result, f"Label Studio unavailable for {patience:.0f} s: {exc}",
+                                       LS_UNAVAILABLE)
             log.warning("Label Studio write failed; waiting for it", extra={
                 "job_id": result.job_id, "retry_in_s": delay, "error": str(exc)})
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
     for r in result.results:
         if r.task_id in report.refused:
-            r.status, r.error_kind = "failed", "label_studio"
+            r.status, r.error_kind = "failed", LS_REFUSED
             r.error = f"Label Studio refused the prediction: {report.refused[r.task_id]}"
     if report.refused:
         rt.queue.store_result(result)
     return len(report.written)
 
 
-def _fail_unwritten(rt: Runtime, result: BatchResult, why: str) -> int:
+def _fail_unwritten(rt: Runtime, result: BatchResult, why: str, kind: str) -> int:
     failed = 0
     for r in result.results:
         if r.status == "ok" and r.task_id is not None and not rt.writer.is_written(result.model_version, r.task_id):
-            r.status, r.error_kind = "failed", "label_studio"
+            r.status, r.error_kind = "failed", kind
             r.error = f"prediction not written to Label Studio: {why}"
             failed += 1
     log.error("predictions not written to Label Studio", extra={"job_id": result.job_id, "tasks": failed,

@@ -28,7 +28,7 @@ from egm.bulk.jobs import alive_jobs, free_job_id
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask
 from egm.bulk.spec import RunSpec, batch_job_id
-from egm.contract import BatchJob, Priority, TaskJob, redis_key
+from egm.contract import BatchJob, Priority, TaskJob, written_key
 from egm.queue import QueueClient
 from egm.runs import RunStore, task_key
 
@@ -167,9 +167,8 @@ class Planner:
     def _release_stale_claims(self, batches: list[BatchJob]) -> None:
         """A task we enqueue has no prediction of this version in Label Studio and no live job, so a
         ``done`` write claim for it is stale (the prediction was deleted): drop it, or the worker
-        would skip the write and the task would stay without a prediction. (Same key as
-        ``worker.delivery.LabelStudioWriter``.)"""
-        keys = [redis_key(self.queue.prefix, "written", self.spec.model_version, t.task_id)
+        would skip the write and the task would stay without a prediction."""
+        keys = [written_key(self.queue.prefix, self.spec.model_version, t.task_id)
                 for j in batches for t in j.tasks if t.task_id is not None]
         values = self.queue.redis.mget(keys) if keys else []
         stale = [k for k, v in zip(keys, values) if v == b"done"]

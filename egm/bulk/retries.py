@@ -20,13 +20,13 @@ import time
 import uuid
 
 from config.settings import Settings
-from egm.contract import BatchJob, BatchResult, TaskResult, redis_key
+from egm.contract import LS_UNAVAILABLE, BatchJob, BatchResult, TaskResult, redis_key
 from egm.queue import QueueClient
 from egm.runs import RUN_TTL_S, RunStore, task_key
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_KINDS = frozenset({"image:fetch", "engine"})
+TRANSIENT_KINDS = frozenset({"image:fetch", "engine", LS_UNAVAILABLE})
 MAX_BACKOFF_S = 300.0
 
 
@@ -34,9 +34,9 @@ def is_transient(result: TaskResult) -> bool:
     if result.status == "ok":
         return False
     kind = result.error_kind or ""
-    # Label Studio down longer than the worker waits (worker.jobs): the prediction can be written later.
-    # A prediction Label Studio *refused* (the task was deleted) stays failed.
-    return kind in TRANSIENT_KINDS or (kind == "label_studio" and "unavailable" in (result.error or ""))
+    # Label Studio down longer than the worker waits (worker.jobs) is transient: the prediction can be
+    # written later. A prediction Label Studio *refused* (LS_REFUSED: the task was deleted) stays failed.
+    return kind in TRANSIENT_KINDS
 
 
 def backoff_s(base_s: float, attempt: int) -> float:
