@@ -64,9 +64,9 @@ class Bench:
         proc, self.redis_url = processes.start_redis(self.workdir / "redis")
         self.procs.append(proc)
         if need_ls:
-            from tests.fixtures.labelstudio import LabelStudioServer, free_port, label_studio_binary
+            from tests.fixtures.labelstudio import LabelStudioServer, label_studio_binary
 
-            self.ls = LabelStudioServer(binary=label_studio_binary(), port=free_port(), workdir=self.workdir / "ls")
+            self.ls = LabelStudioServer(binary=label_studio_binary(), port=processes.free_port(), workdir=self.workdir / "ls")
             print("starting Label Studio (about 30 s) ...", flush=True)
             self.ls.start()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from config.settings import Settings
@@ -26,9 +25,9 @@ def sample_images() -> list[Path]:
 
 
 def batch_job(images: list[Path], priority: Priority = Priority.bulk, **kw) -> BatchJob:
-    tasks = [TaskJob(task_id=i + 1, image=str(p), queries=[Query(text=f'Locate every instance that belongs to '
-                                                               f'the following categories: "circle, square". '
-                                                               f'Report bbox coordinates in JSON format.')])
+    tasks = [TaskJob(task_id=i + 1, image=str(p), queries=[Query(text='Locate every instance that belongs to '
+                                                               'the following categories: "circle, square". '
+                                                               'Report bbox coordinates in JSON format.')])
              for i, p in enumerate(images)]
     return BatchJob(priority=priority, model_version=kw.pop("model_version", "test-v1"), target=TARGET,
                     tasks=tasks, **kw)
@@ -45,6 +44,3 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 def spawn_worker(settings: Settings, log_path: Path, *args: str, **extra: str):
     return processes.spawn(["worker", *args], worker_env(settings, **extra), log_path)
 
-
-def env_for(settings: Settings) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()}

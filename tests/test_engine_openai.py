@@ -8,7 +8,7 @@ import math
 import pytest
 from PIL import Image
 
-from tests.fixtures.redis_server import free_port
+from egm.processes import free_port
 from tests.openai_test_server import OpenAITestServer, ServerBehavior
 from worker.engines.base import DecodingConfig, EngineError, EngineRequest
 from worker.engines.common import align_pieces, fit_within_pixels, fitted_size, join_reasoning

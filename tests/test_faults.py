@@ -20,7 +20,8 @@ from egm.contract import Priority
 from egm.queue import QueueClient
 from tests.fault_stack import (Procs, bulk_jobs, ls_project, outcome, predict_body, queues_drained, start_run,
                                wait_until)
-from tests.fixtures.redis_server import RedisServer, free_port
+from egm.processes import free_port
+from tests.fixtures.redis_server import RedisServer
 from tests.tcp_proxy import TcpProxy
 from config.settings import Settings
 

@@ -282,7 +282,7 @@ def test_rejected_personal_access_token_is_not_echoed(label_studio):
 
 
 def test_unreachable_server_error_names_the_url_not_the_token(label_studio):
-    from tests.fixtures.labelstudio import free_port
+    from egm.processes import free_port
 
     key = "0" * 40
     with LabelStudioClient(f"http://127.0.0.1:{free_port()}", key, retries=1, backoff_s=0.01) as c:
