@@ -50,8 +50,9 @@ def register(sub) -> None:
 
 
 def _images(folder: Path) -> list[Path]:
-    exts = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-    return sorted(p.resolve() for p in folder.iterdir() if p.suffix.lower() in exts)
+    from egm.bulk.sources import IMAGE_EXTENSIONS
+
+    return sorted(p.resolve() for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _tiny_model_dir() -> Path:
