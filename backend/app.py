@@ -16,15 +16,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from backend.auth import require_auth
+from egm.backend.auth import require_auth
 from egm.labeling import LabelingConfigError, parse_labeling_config
-from backend.metrics import MetricsCollector
-from backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
+from egm.backend.metrics import MetricsCollector
+from egm.backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
                             SetupResponse, WebhookEvent)
-from backend.predictor import BadPredictRequest, Predictor, project_id_of
-from backend.webhook import WebhookHandler
-from backend.webhook_auth import ensure_webhook_auth
-from config.settings import Settings, get_settings
+from egm.backend.predictor import BadPredictRequest, Predictor, project_id_of
+from egm.backend.webhook import WebhookHandler
+from egm.backend.webhook_auth import ensure_webhook_auth
+from egm.config.settings import Settings, get_settings
 from egm.logs import configure_logging, redact
 from egm.prompts import PromptError
 from egm.queue import QueueClient

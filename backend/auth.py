@@ -7,7 +7,7 @@ import secrets
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-from config.settings import Settings, get_settings
+from egm.config.settings import Settings, get_settings
 
 _basic = HTTPBasic(auto_error=False)
 

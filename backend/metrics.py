@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from rq import Worker
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.queue import QueueClient
 from egm.runs import RunStore
 from egm.stats import StatsStore, parse_field

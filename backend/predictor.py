@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 
 from egm.labeling import LabelingConfig, extract_prompt, parse_labeling_config
-from backend.models import PredictRequest, PredictResponse, Prediction
-from config.settings import Settings
+from egm.backend.models import PredictRequest, PredictResponse, Prediction
+from egm.config.settings import Settings
 from egm.contract import BatchJob, Priority, TaskJob, TaskResult
 from egm.prompts import load_templates
 from egm.queries import TaskDataError, build_queries, image_of, task_job

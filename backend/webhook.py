@@ -14,8 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import redis
 
-from backend.models import WebhookEvent
-from config.settings import Settings
+from egm.backend.models import WebhookEvent
+from egm.config.settings import Settings
 from egm.export.live import LiveCorrections
 from egm.stats import StatsStore
 

@@ -15,7 +15,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from config.settings import Settings
+from egm.config.settings import Settings
 
 log = logging.getLogger(__name__)
 DELAYS_S = (0.5, 1, 2, 4, 8)

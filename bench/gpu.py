@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from worker.engines.base import DecodingConfig, EngineRequest  # noqa: E402
-from worker.engines.hf import HFEngine  # noqa: E402
-from worker.tiny_model import build_model_and_processor  # noqa: E402
+from egm.worker.engines.base import DecodingConfig, EngineRequest  # noqa: E402
+from egm.worker.engines.hf import HFEngine  # noqa: E402
+from egm.worker.tiny_model import build_model_and_processor  # noqa: E402
 
 PROMPT = "Locate the {what}, output its bbox coordinates using JSON format"
 THINGS = ["red car on the left", "man in the blue shirt", "dog near the bench", "second chair from the left"]

@@ -40,7 +40,7 @@ import httpx  # noqa: E402
 import redis  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from config.settings import Settings  # noqa: E402
+from egm.config.settings import Settings  # noqa: E402
 from egm import processes  # noqa: E402
 from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob, queue_names  # noqa: E402
 from egm.queue import QueueClient  # noqa: E402

@@ -145,7 +145,7 @@ class Bench:
 
     def _time_run(self, mode: str, source: dict, env: dict) -> dict:
         """Plan and follow the run in this process (as `prelabel` does), timing it without interpreter start-up."""
-        from config.settings import reload_settings
+        from egm.config.settings import reload_settings
         from egm.bulk.runner import BulkRun, label_studio_spec, local_spec, local_target
 
         os.environ.update(env)

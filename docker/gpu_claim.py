@@ -15,7 +15,7 @@ service therefore reserves all GPUs and this script, run by
 GPU UUIDs are unique across hosts, so replicas on several machines can share
 one Redis. Indices follow PCI bus order (the image sets
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so CUDA numbers GPUs the way nvidia-smi does).
-Only the standard library, redis-py and ``config.settings`` are used.
+Only the standard library, redis-py and ``egm.config.settings`` are used.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def _refresh_once(claims: Claims, gpus: Sequence[Gpu]) -> None:
 
 
 def _settings():
-    from config.settings import get_settings
+    from egm.config.settings import get_settings
 
     return get_settings()
 
@@ -249,7 +249,7 @@ def _cmd_hold(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu_claim", description=__doc__.splitlines()[0])
-    parser.add_argument("--redis-url", help="default: REDIS_URL through config.settings")
+    parser.add_argument("--redis-url", help="default: REDIS_URL through egm.config.settings")
     parser.add_argument("--prefix", help="Redis key prefix (default: EGM_QUEUE_PREFIX)")
     parser.add_argument("--owner", default=socket.gethostname(), help="claim owner (default: hostname)")
     parser.add_argument("--ttl", type=int, default=DEFAULT_TTL_S, help="claim lifetime without refresh, seconds")

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] not in ("backend", "worker"):
         print("usage: healthcheck.py backend|worker", file=sys.stderr)
         return 1  # Docker reserves exit status 2
-    from config.settings import get_settings
+    from egm.config.settings import get_settings
 
     settings = get_settings()
     if argv[0] == "backend":

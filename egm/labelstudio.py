@@ -36,7 +36,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 if TYPE_CHECKING:  # pragma: no cover
-    from config.settings import Settings
+    from egm.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ class LabelStudioClient:
     @classmethod
     def from_settings(cls, settings: "Settings | None" = None, **kwargs: Any) -> "LabelStudioClient":
         if settings is None:
-            from config.settings import get_settings
+            from egm.config.settings import get_settings
 
             settings = get_settings()
         key = settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else ""

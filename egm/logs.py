@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from config.settings import Settings
+from egm.config.settings import Settings
 
 _PATTERNS = [
     (re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(token|bearer|basic)\s+[^\s\"',}]+"), r"\1\2 ***"),

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from config.settings import Settings
+from egm.config import PROMPTS_DIR
+from egm.config.settings import Settings
 
-DEFAULT_PROMPT_DIR = Path(__file__).resolve().parent.parent / "config" / "prompts"
 TEMPLATE_NAMES = ("referring", "multi")
 
 
@@ -38,7 +38,7 @@ class PromptTemplates:
 def _read(folder: Path, name: str, placeholder: str) -> str:
     path = folder / f"{name}.txt"
     if not path.is_file():
-        path = DEFAULT_PROMPT_DIR / f"{name}.txt"
+        path = PROMPTS_DIR / f"{name}.txt"
     text = path.read_text(encoding="utf-8").strip()
     if placeholder not in text:
         raise PromptError(f"prompt template {path} must contain {placeholder}")
@@ -55,4 +55,4 @@ def _load(folder: str) -> PromptTemplates:
 
 
 def load_templates(settings: Settings) -> PromptTemplates:
-    return _load(str(settings.prompt_dir or DEFAULT_PROMPT_DIR))
+    return _load(str(settings.prompt_dir or PROMPTS_DIR))

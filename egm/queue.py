@@ -18,7 +18,7 @@ Whoever wins ``SET deliver:<job> NX`` delivers; the ordering (store, then read
 handoff / set handoff, then read result) guarantees at least one side sees the
 other, the schedule covers a requester that vanished, and NX guarantees at most
 one delivers. A worker may re-enter its own claim (a retried job after a failed
-write); per-task claims in :mod:`worker.delivery` keep those writes exactly-once.
+write); per-task claims in :mod:`egm.worker.delivery` keep those writes exactly-once.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.contract import BATCH_FUNC, BatchJob, BatchResult, Priority, queue_name, redis_key
 
 HANDOFF_TTL_S = 24 * 3600

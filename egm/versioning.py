@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.prompts import load_templates
 
 

@@ -34,7 +34,7 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 def run_cli(*argv: str) -> tuple[int, dict | str]:
     """``egm-assist argv`` in this process; stdout parsed as JSON when it is JSON."""
-    from egm.cli import main
+    from egm.cli.main import main
 
     out = io.StringIO()
     with redirect_stdout(out):

@@ -16,7 +16,7 @@ import math
 
 from PIL import Image
 
-from worker.engines.base import Engine, EngineOutput, EngineRequest
+from egm.worker.engines.base import Engine, EngineOutput, EngineRequest
 
 CONFORMANCE_SIZES = ((96, 64), (40, 120), (150, 150))
 BROKEN_INDEX = 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob
 from egm import processes
 

@@ -12,10 +12,10 @@ from egm.confidence import disagreement_score
 from egm.geometry import Box
 from egm.parsing import parse_completion
 from tests.stack import SAMPLES, batch_job, sample_images
-from worker.cache import ResultCache
-from worker.engines.base import EngineOutput
-from worker.engines.scripted import ScriptedEngine
-from worker.pipeline import BatchProcessor
+from egm.worker.cache import ResultCache
+from egm.worker.engines.base import EngineOutput
+from egm.worker.engines.scripted import ScriptedEngine
+from egm.worker.pipeline import BatchProcessor
 
 LOGPROB = -0.2
 
@@ -81,7 +81,7 @@ def redis_settings(egm_env, monkeypatch):
     def configure(mode: str, k: int):
         monkeypatch.setenv("EGM_UNCERTAINTY", mode)
         monkeypatch.setenv("EGM_UNCERTAINTY_SAMPLES", str(k))
-        from config.settings import reload_settings
+        from egm.config.settings import reload_settings
 
         return reload_settings()
 

@@ -24,8 +24,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.config import SchemathesisConfig
 
-from backend.app import create_app
-from config.settings import Settings
+from egm.backend.app import create_app
+from egm.config.settings import Settings
 from tests.stack import SAMPLES
 
 MAX_EXAMPLES = int(os.environ.get("EGM_FUZZ_EXAMPLES", "30"))

@@ -7,7 +7,7 @@ import base64
 import pytest
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from egm.backend.app import create_app
 from egm import processes
 from tests.stack import BOXES_CONFIG, SAMPLES, sample_images, spawn_worker
 
@@ -22,7 +22,7 @@ def _headers(user: str, password: str) -> dict:
 def settings(egm_env, monkeypatch):
     monkeypatch.setenv("EGM_LOCAL_FILES_ROOT", str(SAMPLES))
     monkeypatch.setenv("EGM_PREDICT_BUDGET_S", "30")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     return reload_settings()
 
@@ -52,7 +52,7 @@ def test_health_and_setup_report_the_same_model_version(client):
 
 
 def test_model_version_changes_with_prompt_or_decoding(settings, monkeypatch, tmp_path):
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
     from egm.versioning import model_version
 
     base = model_version(settings)
@@ -96,7 +96,7 @@ def test_interactive_prompt_returns_boxes(client, worker):
 
 def test_late_results_are_handed_to_the_worker(settings, monkeypatch, tmp_path):
     monkeypatch.setenv("EGM_PREDICT_BUDGET_S", "0.2")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     s = reload_settings()
     with TestClient(create_app(s)) as c:
@@ -143,7 +143,7 @@ def test_enormous_prompt_is_refused(client):
 
 def test_redis_down_is_a_503_not_a_traceback(settings, monkeypatch):
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{processes.free_port()}/0")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     with TestClient(create_app(reload_settings())) as c:
         resp = c.post("/predict", json={"tasks": _tasks(1), "label_config": BOXES_CONFIG})
@@ -155,7 +155,7 @@ def test_redis_down_is_a_503_not_a_traceback(settings, monkeypatch):
 def auth_client(settings, monkeypatch):
     monkeypatch.setenv("BASIC_AUTH_USER", AUTH[0])
     monkeypatch.setenv("BASIC_AUTH_PASS", AUTH[1])
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     with TestClient(create_app(reload_settings())) as c:
         yield c

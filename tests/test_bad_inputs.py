@@ -12,7 +12,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from egm.backend.app import create_app
 from egm import processes
 from egm.contract import BatchResult
 from tests import images_factory as f
@@ -57,7 +57,7 @@ def settings(egm_env, monkeypatch, media):
     monkeypatch.setenv("EGM_PREDICT_BUDGET_S", "60")
     monkeypatch.setenv("EGM_BATCH_SIZE", "32")  # every task of a call in one batch job
     monkeypatch.setenv("EGM_MAX_IMAGE_PIXELS", "50000000")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     return reload_settings()
 

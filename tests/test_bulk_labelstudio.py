@@ -33,7 +33,7 @@ def ls_env(label_studio, egm_env, monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
     monkeypatch.setenv("EGM_BULK_BATCH_SIZE", BATCH)
     monkeypatch.setenv("EGM_HEARTBEAT_S", "1")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     return reload_settings()
 

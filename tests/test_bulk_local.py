@@ -22,8 +22,8 @@ from egm.queue import QueueClient
 from egm.runs import RunProgress, RunStore
 from tests.bulk_support import CORRUPT_JPEG, run_cli, write_images
 from tests.stack import SAMPLES, batch_job
-from worker.batch_worker import run_worker
-from worker.engines.scripted import ScriptedEngine
+from egm.worker.batch_worker import run_worker
+from egm.worker.engines.scripted import ScriptedEngine
 
 
 @pytest.fixture()
@@ -40,7 +40,7 @@ def settings(egm_env, monkeypatch, data):
     monkeypatch.setenv("EGM_BULK_BATCH_SIZE", "4")
     monkeypatch.setenv("EGM_ENGINE", "scripted")
     monkeypatch.setenv("EGM_TASK_RETRY_BACKOFF_S", "0.05")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     return reload_settings()
 
@@ -143,7 +143,7 @@ def test_poisoned_image_is_kept_in_the_failed_list_and_retried_with_one_command(
 
 def test_transient_failures_are_retried_with_backoff_then_fail_with_their_reason(settings, data, tmp_path, monkeypatch):
     monkeypatch.setenv("EGM_TASK_RETRIES", "2")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     settings = reload_settings()
     write_images(data, 2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from egm.commands.config import markdown_table
+from egm.cli.commands.config import markdown_table
 from egm.logs import RedactingFilter, configure_logging, redact
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_redact_removes_credentials(text, secret):
 def test_log_lines_are_json_and_never_carry_configured_secrets(monkeypatch):
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "ls-key-0123456789abcdef")
     monkeypatch.setenv("BASIC_AUTH_PASS", "basic-pass-42")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     settings = reload_settings()
     stream = io.StringIO()

@@ -3,7 +3,7 @@ config/env.example, .dockerignore and docs/deployment.md.
 
 Docker cannot run on the development machine, so these tests read the files
 and check them against the code they deploy: every variable handed to the
-backend/worker is a real setting (config.settings) or a documented compose-only
+backend/worker is a real setting (egm.config.settings) or a documented compose-only
 variable, env.example lists every setting at its true default, COPY sources
 exist and survive .dockerignore, images are pinned, containers run as non-root
 with a HEALTHCHECK and start an egm-assist subcommand that exists.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config.settings import Settings
+from egm.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -37,7 +37,7 @@ DOCKERFILES = {
 EGM_IMAGES = ("backend", "worker")
 
 #: Variables only docker-compose.yml reads (or passes to docker/entrypoint.sh); documented in
-#: docs/deployment.md and listed in config/env.example, never read by config.settings.
+#: docs/deployment.md and listed in config/env.example, never read by egm.config.settings.
 COMPOSE_ONLY_VARS = {
     "LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", "LABEL_STUDIO_USER_TOKEN",
     "LABEL_STUDIO_PORT", "BACKEND_PORT", "REDIS_PORT", "RQ_DASHBOARD_PORT",
@@ -78,7 +78,7 @@ def compose() -> dict:
 
 
 def settings_aliases() -> dict[str, str]:
-    """Every environment name config.settings reads -> field name."""
+    """Every environment name egm.config.settings reads -> field name."""
     out = {}
     for name, field in Settings.model_fields.items():
         for alias in field.validation_alias.choices:
@@ -172,7 +172,7 @@ def ports_of(compose: dict, service: str) -> list[Port]:
 
 def egm_subcommands() -> set[str]:
     try:
-        from egm.cli import build_parser
+        from egm.cli.main import build_parser
     except ImportError:  # TODO: drop once egm.cli is always present
         return {"serve", "worker", "status", "prelabel", "export", "next", "demo", "parse"}
     for action in build_parser()._actions:
@@ -382,7 +382,7 @@ def test_env_passed_to_backend_and_worker_are_settings_or_compose_only(compose):
     known = set(settings_aliases()) | COMPOSE_ONLY_VARS
     for name, service in egm_services(compose).items():
         unknown = set(env_dict(service)) - known
-        assert not unknown, f"{name} passes {sorted(unknown)}: not a config.settings alias nor compose-only"
+        assert not unknown, f"{name} passes {sorted(unknown)}: not a egm.config.settings alias nor compose-only"
 
 
 def test_backend_and_worker_read_the_one_env_file(compose):

@@ -11,8 +11,8 @@ from PIL import Image
 
 from tests.engine_conformance import check_engine_conformance, check_output
 from tests.fixtures.model import TEST_MAX_PIXELS, TEST_MIN_PIXELS
-from worker.engines.base import DecodingConfig, EngineError, EngineRequest
-from worker.engines.hf import HFEngine, visual_tokens
+from egm.worker.engines.base import DecodingConfig, EngineError, EngineRequest
+from egm.worker.engines.hf import HFEngine, visual_tokens
 
 PROMPT = "Locate the {}, output its bbox coordinates using JSON format"
 

@@ -10,9 +10,9 @@ from PIL import Image
 
 from egm.processes import free_port
 from tests.openai_test_server import OpenAITestServer, ServerBehavior
-from worker.engines.base import DecodingConfig, EngineError, EngineRequest
-from worker.engines.common import align_pieces, fit_within_pixels, fitted_size, join_reasoning
-from worker.engines.openai_compat import OpenAICompatEngine, normalize_base_url, parse_chat_response
+from egm.worker.engines.base import DecodingConfig, EngineError, EngineRequest
+from egm.worker.engines.common import align_pieces, fit_within_pixels, fitted_size, join_reasoning
+from egm.worker.engines.openai_compat import OpenAICompatEngine, normalize_base_url, parse_chat_response
 
 try:  # generic checks shared by every engine, when that helper exists
     from tests.engine_conformance import check_engine_conformance
@@ -346,7 +346,7 @@ def test_align_pieces_rejects_unrelated_tokens():
 
 
 def test_parse_chat_response_rejects_garbage():
-    from worker.engines.openai_compat import ResponseFormatError
+    from egm.worker.engines.openai_compat import ResponseFormatError
 
     for data in ([], {"choices": []}, {"choices": [{"message": None}]}):
         with pytest.raises(ResponseFormatError):

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from config.settings import Settings
-from worker.engines.base import DecodingConfig, EngineError, EngineRequest
-from worker.engines.vllm_engine import (
+from egm.config.settings import Settings
+from egm.worker.engines.base import DecodingConfig, EngineError, EngineRequest
+from egm.worker.engines.vllm_engine import (
     INSTALL_HINT,
     VLLMEngine,
     VLLMOptions,
@@ -28,7 +28,7 @@ from worker.engines.vllm_engine import (
     image_token_count,
     sampling_kwargs,
 )
-from worker.tiny_model import build_tokenizer
+from egm.worker.tiny_model import build_tokenizer
 
 try:  # generic checks shared by every engine, when that helper exists
     from tests.engine_conformance import check_engine_conformance

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.export.coco import CocoImage, coco_document
 from egm.export.images import ImageCollector
 from egm.export.regions import parse_result

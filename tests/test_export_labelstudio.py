@@ -29,11 +29,11 @@ import pytest
 from PIL import Image
 
 from egm.labeling import parse_labeling_config
-from backend.metrics import MetricsCollector
-from backend.models import WebhookEvent
-from backend.webhook import WebhookHandler
-from config.settings import reload_settings
-from egm.cli import main as cli_main
+from egm.backend.metrics import MetricsCollector
+from egm.backend.models import WebhookEvent
+from egm.backend.webhook import WebhookHandler
+from egm.config.settings import reload_settings
+from egm.cli.main import main as cli_main
 from egm.contract import BatchJob, TaskJob
 from egm.export.reward import compute_score
 from egm.geometry import Box, grid_to_pixels
@@ -44,9 +44,9 @@ from tests.fixtures.labelstudio import StubMLBackend
 from tests.images_factory import make_upright_jpeg
 from egm import processes
 from tests.stack import SAMPLES, spawn_worker
-from worker.delivery import LabelStudioWriter
-from worker.engines.scripted import ScriptedEngine
-from worker.pipeline import BatchProcessor
+from egm.worker.delivery import LabelStudioWriter
+from egm.worker.engines.scripted import ScriptedEngine
+from egm.worker.pipeline import BatchProcessor
 
 CONFIG = (Path(__file__).resolve().parents[1] / "config" / "labeling" / "boxes_reasoning.xml").read_text()
 MODEL_VERSION = "egm-export-test-1"

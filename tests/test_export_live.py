@@ -7,7 +7,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from egm.backend.app import create_app
 from egm.export.live import LiveCorrections
 from egm.queue import QueueClient
 from egm.stats import StatsStore, parse_field

@@ -8,7 +8,7 @@ import struct
 import pyarrow.parquet as pq
 import pytest
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.export.accepted import SelectionOptions, Status, select_accepted
 from egm.export.coco import CocoImage, coco_document
 from egm.export.corrections import Kind, Tally, match_regions

@@ -23,7 +23,7 @@ from tests.fault_stack import (Procs, bulk_jobs, ls_project, outcome, predict_bo
 from egm.processes import free_port
 from tests.fixtures.redis_server import RedisServer
 from tests.tcp_proxy import TcpProxy
-from config.settings import Settings
+from egm.config.settings import Settings
 
 pytestmark = pytest.mark.labelstudio
 

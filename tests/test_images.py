@@ -11,11 +11,11 @@ import socket
 import pytest
 from PIL import Image
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.geometry import upright_size
 from tests import images_factory as f
 from tests.image_server import ImageServer, Route
-from worker.images import ImageLoadError, LoadedImage, fetch_many, load_image
+from egm.images import ImageLoadError, LoadedImage, fetch_many, load_image
 
 LS_URL = "http://ls.test:8080"
 

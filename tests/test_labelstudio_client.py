@@ -292,7 +292,7 @@ def test_unreachable_server_error_names_the_url_not_the_token(label_studio):
 
 
 def test_from_settings(label_studio, monkeypatch):
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url + "/")
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)

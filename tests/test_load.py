@@ -14,7 +14,7 @@ import time
 import pytest
 
 from bench.load import LoadReport, LoadSpec, run_load, table
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.contract import Priority
 from egm.queue import QueueClient
 from tests.fault_stack import wait_until
@@ -91,13 +91,13 @@ def test_failed_jobs_expire_too(egm_env):
     """A batch job that fails for good lands in RQ's failed registry with EGM_FAILURE_TTL_S, not RQ's year."""
     from rq.registry import FailedJobRegistry
 
-    from worker.batch_worker import run_worker
-    from worker.engines.scripted import ScriptedEngine
+    from egm.worker.batch_worker import run_worker
+    from egm.worker.engines.scripted import ScriptedEngine
 
     s = Settings(**{**egm_env.model_dump(), "failure_ttl_s": 3, "job_retries": 0})
     queue = QueueClient(s)
     bulk = queue.queues[Priority.bulk]
-    job = bulk.enqueue_call("worker.jobs.run_batch", args=({"not": "a batch job"},), failure_ttl=s.failure_ttl_s,
+    job = bulk.enqueue_call("egm.worker.jobs.run_batch", args=({"not": "a batch job"},), failure_ttl=s.failure_ttl_s,
                             result_ttl=s.result_ttl_s)
     run_worker(s, engine=ScriptedEngine(), burst=True)
     registry = FailedJobRegistry(queue=bulk)

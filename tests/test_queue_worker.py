@@ -10,15 +10,15 @@ import pytest
 from egm.contract import Priority
 from egm.queue import QueueClient
 from tests.stack import SAMPLES, batch_job, sample_images
-from worker.batch_worker import run_worker
-from worker.engines.scripted import ScriptedEngine
+from egm.worker.batch_worker import run_worker
+from egm.worker.engines.scripted import ScriptedEngine
 
 
 @pytest.fixture()
 def settings(egm_env, monkeypatch):
     monkeypatch.setenv("EGM_LOCAL_FILES_ROOT", str(SAMPLES))
     monkeypatch.setenv("EGM_HEARTBEAT_S", "1")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     return reload_settings()
 

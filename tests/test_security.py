@@ -20,7 +20,7 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from backend.app import create_app
+from egm.backend.app import create_app
 from egm import processes
 from egm.contract import BatchResult
 from egm.queue import QueueClient
@@ -50,7 +50,7 @@ def password():
 def auth_app(egm_env, monkeypatch, password):
     monkeypatch.setenv("BASIC_AUTH_USER", USER)
     monkeypatch.setenv("BASIC_AUTH_PASS", password)
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     return create_app(reload_settings())
 
@@ -116,7 +116,7 @@ def settings(egm_env, monkeypatch):
     monkeypatch.setenv("EGM_LOCAL_FILES_ROOT", str(SAMPLES))
     monkeypatch.setenv("EGM_PREDICT_BUDGET_S", "60")
     monkeypatch.setenv("EGM_BATCH_SIZE", "64")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     return reload_settings()
 
@@ -202,9 +202,9 @@ def test_redirects_to_internal_addresses_are_refused(settings, tmp_path, interna
 
 def test_dns_names_that_resolve_inside_are_refused(settings, monkeypatch, internal):
     """Names added to the resolver (the worker's DNS seam): private, loopback, metadata, mixed answers."""
-    import worker.url_guard as url_guard
-    from worker.batch_worker import run_worker
-    from worker.engines.scripted import ScriptedEngine
+    import egm.images.url_guard as url_guard
+    from egm.worker.batch_worker import run_worker
+    from egm.worker.engines.scripted import ScriptedEngine
 
     table = {"intranet.example.test": ["10.1.2.3"], "loop.example.test": ["127.0.0.1"],
              "meta.example.test": ["169.254.169.254"], "mixed.example.test": ["93.184.216.34", "127.0.0.1"],
@@ -217,7 +217,7 @@ def test_dns_names_that_resolve_inside_are_refused(settings, monkeypatch, intern
 
     monkeypatch.setattr(url_guard, "_system_resolver", resolver)
     monkeypatch.setenv("EGM_ALLOWED_HOSTS", "*")
-    from config.settings import reload_settings
+    from egm.config.settings import reload_settings
 
     s = reload_settings()
     queue = QueueClient(s)

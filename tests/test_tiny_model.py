@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.engines.hf_text import REPLACEMENT, TokenTextDecoder
-from worker.tiny_model import (
+from egm.worker.engines.hf_text import REPLACEMENT, TokenTextDecoder
+from egm.worker.tiny_model import (
     SPECIAL_TOKENS,
     THINK_TOKENS,
     build_tiny_checkpoint,
@@ -154,8 +154,8 @@ def test_taught_model_answers_in_egm_format_through_the_real_engine(tiny_model_d
     from PIL import Image
 
     from egm.parsing import ParseStatus, parse_completion
-    from worker.engines.base import DecodingConfig, EngineRequest
-    from worker.engines.hf import HFEngine
+    from egm.worker.engines.base import DecodingConfig, EngineRequest
+    from egm.worker.engines.hf import HFEngine
 
     engine = HFEngine(str(tiny_model_dir), DecodingConfig(max_new_tokens=128), max_pixels=300 * 1024,
                       min_pixels=32 * 32, device="cpu")

@@ -26,14 +26,14 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.contract import Priority
 from egm.queue import QueueClient
-from worker import jobs
-from worker.cache import ResultCache
-from worker.delivery import LabelStudioWriter
-from worker.engines import Engine, create_engine
-from worker.pipeline import BatchProcessor
+from egm.worker import jobs
+from egm.worker.cache import ResultCache
+from egm.worker.delivery import LabelStudioWriter
+from egm.worker.engines import Engine, create_engine
+from egm.worker.pipeline import BatchProcessor
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
     cache = ResultCache(queue.redis, settings.queue_prefix, settings.cache_ttl_s)
     processor = BatchProcessor(engine, settings, cache=cache, ls_client=ls_client, worker_name=worker_name)
     writer = LabelStudioWriter(ls_client, queue.redis, settings.queue_prefix)
-    from worker.progress import record_batch
+    from egm.worker.progress import record_batch
 
     return jobs.Runtime(processor=processor, queue=queue, writer=writer,
                         on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))

@@ -14,8 +14,8 @@ from egm.contract import LS_REFUSED, LS_UNAVAILABLE, BatchJob, BatchResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
 from egm.runs import RunStore
-from worker.delivery import LabelStudioWriter
-from worker.pipeline import BatchProcessor
+from egm.worker.delivery import LabelStudioWriter
+from egm.worker.pipeline import BatchProcessor
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.active_learning import prediction_score, samples_agreement
 from egm.confidence import box_scores
 from egm.contract import BatchJob, BatchResult, BoxResult, LabelTarget, Query, TaskJob, TaskResult
 from egm.geometry import grid_to_pixels
 from egm.ls_results import build_result
 from egm.parsing import ParsedCompletion, ParseStatus, parse_completion
-from worker.cache import CachedOutput, ResultCache
-from worker.engines.base import Engine, EngineRequest
-from worker.images import ImageLoadError, LoadedImage, fetch_many
+from egm.worker.cache import CachedOutput, ResultCache
+from egm.worker.engines.base import Engine, EngineRequest
+from egm.images import ImageLoadError, LoadedImage, fetch_many
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.contract import LS_UNAVAILABLE, BatchJob, BatchResult, TaskResult, redis_key
 from egm.queue import QueueClient
 from egm.runs import RUN_TTL_S, RunStore, task_key

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 from rq import Worker
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.bulk.jobs import alive_jobs, fail_abandoned
 from egm.bulk.outputs import COCO_FILE, LS_IMPORT_FILE, ResultLog, write_coco, write_label_studio_import
 from egm.bulk.planner import PlanReport, Planner

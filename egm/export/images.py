@@ -1,6 +1,6 @@
 """Put each task's image into the dataset folder and learn its upright size.
 
-Images are fetched and decoded by the workers' loader (:func:`worker.images.load_image`:
+Images are fetched and decoded by the workers' loader (:func:`egm.images.load_image`:
 Label Studio media with the token, guarded URLs, local files, EXIF orientation applied),
 so the export sees exactly the image EGM saw and Label Studio showed.
 
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from worker.image_sources import confined_path, file_url_path
-from worker.images import ImageLoadError, LoadedImage, load_image
+from egm.images.sources import confined_path, file_url_path
+from egm.images import ImageLoadError, LoadedImage, load_image
 
 ImageMode = Literal["copy", "link"]
 IMAGES_FOLDER = "images"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from egm.labeling import LabelingConfig, LabelingConfigError, parse_labeling_config
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.export.accepted import Chosen, ReviewPolicy, Selection, SelectionOptions, select_accepted
 from egm.export.coco import CocoImage, write_coco
 from egm.export.corrections import (DEFAULT_ACCEPT_TOLERANCE, DEFAULT_MATCH_IOU, Correction, Kind, Tally,

@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob
 from egm.export.reward import compute_score
 from egm.export.samples import Sample

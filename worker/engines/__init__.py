@@ -1,4 +1,4 @@
-"""Engine implementations behind one interface (:mod:`worker.engines.base`).
+"""Engine implementations behind one interface (:mod:`egm.worker.engines.base`).
 
 ``create_engine`` picks one from the settings; heavy modules (torch, vllm) are
 imported only by the engine that needs them.
@@ -6,8 +6,8 @@ imported only by the engine that needs them.
 
 from __future__ import annotations
 
-from config.settings import Settings
-from worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
+from egm.config.settings import Settings
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
 
 __all__ = ["DecodingConfig", "Engine", "EngineError", "EngineOutput", "EngineRequest", "create_engine",
            "decoding_from_settings"]
@@ -21,24 +21,24 @@ def create_engine(settings: Settings, kind: str | None = None) -> Engine:
     kind = kind or settings.engine
     decoding = decoding_from_settings(settings)
     if kind == "hf":
-        from worker.engines.hf import HFEngine
+        from egm.worker.engines.hf import HFEngine
 
         return HFEngine(settings.model_path, decoding, max_pixels=settings.max_pixels,
                         min_pixels=settings.min_pixels, device=settings.device, dtype=settings.dtype,
                         compile=settings.compile, batch_size=settings.batch_size)
     if kind == "vllm":
-        from worker.engines.vllm_engine import VLLMEngine
+        from egm.worker.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine.from_settings(settings, decoding)
     if kind == "openai":
-        from worker.engines.openai_compat import OpenAICompatEngine
+        from egm.worker.engines.openai_compat import OpenAICompatEngine
 
         key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
         return OpenAICompatEngine(settings.openai_base_url, decoding, max_pixels=settings.max_pixels,
                                   min_pixels=settings.min_pixels, api_key=key, model=settings.openai_model,
                                   concurrency=settings.openai_concurrency, timeout_s=settings.openai_timeout_s)
     if kind == "scripted":
-        from worker.engines.scripted import ScriptedEngine
+        from egm.worker.engines.scripted import ScriptedEngine
 
         return ScriptedEngine(decoding, template=settings.scripted_response, delay_s=settings.scripted_delay_s)
     raise ValueError(f"unknown engine {kind!r}; choose hf, vllm, openai or scripted")

@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image
 
-from worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class HFEngine(Engine):
 
     def _setup(self, model, processor, decoding, max_pixels, min_pixels, compile, batch_size, ignore_eos,
                inductor) -> None:
-        from worker.engines.hf_text import TokenTextDecoder
+        from egm.worker.engines.hf_text import TokenTextDecoder
 
         Engine.__init__(self, decoding, max_pixels, min_pixels)
         if batch_size < 1:
@@ -111,7 +111,7 @@ class HFEngine(Engine):
         self._factor = int(image_processor.patch_size) * int(image_processor.merge_size)
         self._fast = None
         if compile:
-            from worker.engines.hf_fast import StaticCacheDecoder
+            from egm.worker.engines.hf_fast import StaticCacheDecoder
 
             self._fast = StaticCacheDecoder(
                 model,
@@ -318,7 +318,7 @@ def _check_image(image: Any) -> Image.Image:
 
 
 def _sampling(decoding: DecodingConfig):
-    from worker.engines.hf_fast import SamplingParams
+    from egm.worker.engines.hf_fast import SamplingParams
 
     if decoding.greedy:
         return SamplingParams(greedy=True)

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
-from worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
-from worker.engines.common import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes, to_rgb
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
+from egm.worker.engines.common import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes, to_rgb
 
 log = logging.getLogger(__name__)
 

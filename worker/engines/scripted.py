@@ -12,7 +12,7 @@ import hashlib
 import re
 import time
 
-from worker.engines.base import DecodingConfig, Engine, EngineOutput, EngineRequest
+from egm.worker.engines.base import DecodingConfig, Engine, EngineOutput, EngineRequest
 
 DEFAULT_TEMPLATE = (
     "The {label} is in the region the annotator asked about.\n</think>\n\n"

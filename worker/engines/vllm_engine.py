@@ -21,9 +21,9 @@ from typing import Any
 
 from PIL import Image
 
-from config.settings import Settings
-from worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
-from worker.engines.common import align_pieces, fit_within_pixels, to_rgb
+from egm.config.settings import Settings
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
+from egm.worker.engines.common import align_pieces, fit_within_pixels, to_rgb
 
 log = logging.getLogger(__name__)
 

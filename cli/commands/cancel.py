@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from egm.bulk.errors import service_errors
-from egm.commands._common import open_runs
+from egm.cli.errors import service_errors
+from egm.cli.commands._common import open_runs
 
 
 def register(sub) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from egm.bulk.errors import service_errors
-from egm.commands._common import add_follow_args, open_runs
+from egm.cli.errors import service_errors
+from egm.cli.commands._common import add_follow_args, open_runs
 
 
 def register(sub) -> None:
@@ -21,7 +21,7 @@ def register(sub) -> None:
 def run_command(args) -> int:
     from egm.bulk.progress import ProgressPrinter
     from egm.bulk.runner import BulkRun
-    from egm.bulk.session import EXIT_USAGE, DriveOptions, drive
+    from egm.cli.drive import EXIT_USAGE, DriveOptions, drive
     from egm.bulk.spec import RunSpec
 
     settings, queue, runs = open_runs()

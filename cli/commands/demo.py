@@ -17,9 +17,10 @@ from pathlib import Path
 
 import httpx
 
+import egm
 from egm import processes
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+SAMPLES = Path(egm.__file__).resolve().parent / "samples"
 DEMO_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image">
@@ -56,7 +57,7 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _tiny_model_dir() -> Path:
-    from worker.tiny_model import ensure_tiny_checkpoint
+    from egm.worker.tiny_model import ensure_tiny_checkpoint
 
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "egm-assist"
     print(f"using the tiny model in {cache} (built on first use, ~20 s) ...", flush=True)

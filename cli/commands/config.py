@@ -6,7 +6,7 @@ import json
 
 from pydantic import SecretStr
 
-from config.settings import Settings, get_settings
+from egm.config.settings import Settings, get_settings
 
 
 def register(sub) -> None:

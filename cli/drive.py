@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.settings import Settings
+from egm.config.settings import Settings
 from egm import processes
 from egm.bulk.progress import ProgressPrinter, format_duration
 from egm.bulk.runner import BulkRun, RunOutcome

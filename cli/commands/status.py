@@ -6,8 +6,8 @@ import json
 import sys
 import time
 
-from egm.bulk.errors import service_errors
-from egm.commands._common import open_runs
+from egm.cli.errors import service_errors
+from egm.cli.commands._common import open_runs
 
 
 def register(sub) -> None:
@@ -43,7 +43,7 @@ def _workers(queue) -> int:
 def _show_run(queue, runs, progress, args) -> int:
     from egm.bulk.progress import format_duration, render
     from egm.bulk.retries import RetryScheduler
-    from egm.bulk.session import format_failed, summary_line
+    from egm.cli.drive import format_failed, summary_line
 
     failed = runs.failed(progress.run_id)
     retrying = RetryScheduler(queue).pending(progress.run_id)

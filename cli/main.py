@@ -1,4 +1,7 @@
-"""``egm-assist``: the one command-line tool. Each subcommand lives in ``egm/commands/<name>.py``."""
+"""``egm-assist``: the command-line tool, the layer above the backend and the workers.
+
+Each subcommand is a module of :mod:`egm.cli.commands` with a ``register(subparsers)`` function.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +15,11 @@ COMMANDS = ["demo", "serve", "worker", "prelabel", "status", "retry", "cancel", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egm-assist", description=__doc__.splitlines()[0].strip("`: "))
+    parser = argparse.ArgumentParser(prog="egm-assist",
+                                     description="Pre-annotate images with EGM for Label Studio.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"egm.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"egm.commands.{name}":
-                continue  # command not part of this build
-            raise
-        module.register(sub)
+        importlib.import_module(f"egm.cli.commands.{name}").register(sub)
     return parser
 
 
@@ -34,5 +32,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from egm.commands._common import settings_from_flags
+from egm.cli.commands._common import settings_from_flags
 
 FORMAT_CHOICES = ("sft", "grpo", "coco", "all")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from egm.geometry import upright_size
-from worker.image_errors import ImageLoadError
+from egm.images.errors import ImageLoadError
 
 #: Formats we decode. Everything else (EPS runs Ghostscript, PSD, ICO, ...) is refused.
 RASTER_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM", "AVIF", "JPEG2000")

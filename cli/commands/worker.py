@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from egm.commands._common import settings_from_flags
+from egm.cli.commands._common import settings_from_flags
 from egm.contract import Priority
 
 
@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     settings = settings_from_flags(EGM_ENGINE=args.engine, EGM_DEVICE=args.device)
-    from worker.batch_worker import run_worker
+    from egm.worker.batch_worker import run_worker
 
     priorities = [Priority(q.strip()) for q in args.queues.split(",") if q.strip()]
     run_worker(settings, burst=args.burst, name=args.name, max_jobs=args.max_jobs, priorities=priorities)

@@ -3,7 +3,7 @@
 * Label Studio media (``/data/upload/...``, ``/data/local-files/?d=...``, relative or on
   Label Studio's origin): the Label Studio client (it carries the token). Local files are
   read from disk when ``EGM_LOCAL_FILES_ROOT`` holds them.
-* Other http(s) URLs: httpx through :class:`~worker.url_guard.UrlGuard`, connecting to the
+* Other http(s) URLs: httpx through :class:`~egm.images.url_guard.UrlGuard`, connecting to the
   vetted address only, redirects followed by hand and vetted hop by hop, byte-capped.
 * Local paths and ``file://`` URLs (confined to ``EGM_LOCAL_FILES_ROOT`` when it is set).
 * ``data:`` URLs.
@@ -24,8 +24,8 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit
 
 import httpx
 
-from worker.image_errors import ImageLoadError
-from worker.url_guard import BlockedUrlError, UrlGuard, UrlResolveError, VettedUrl, redact_url
+from egm.images.errors import ImageLoadError
+from egm.images.url_guard import BlockedUrlError, UrlGuard, UrlResolveError, VettedUrl, redact_url
 
 #: Root-relative paths that are Label Studio media, not local files.
 LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/", "/data/local-files?")

@@ -13,7 +13,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from worker.tiny_model import build_tiny_checkpoint
+    from egm.worker.tiny_model import build_tiny_checkpoint
 
     path = build_tiny_checkpoint(args.out, seed=args.seed)
     print(f"tiny checkpoint written to {path} (random weights: boxes are meaningless)")

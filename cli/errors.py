@@ -20,7 +20,7 @@ def service_errors(func):
         try:
             return func(args)
         except redis.exceptions.ConnectionError as exc:
-            from config.settings import get_settings
+            from egm.config.settings import get_settings
 
             print(f"error: cannot reach Redis at {get_settings().redis_url} ({exc}); set REDIS_URL", file=sys.stderr)
             return EXIT_ERROR

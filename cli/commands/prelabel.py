@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from egm.bulk.errors import service_errors
-from egm.commands._common import add_follow_args, settings_from_flags
+from egm.cli.errors import service_errors
+from egm.cli.commands._common import add_follow_args, settings_from_flags
 
 
 def register(sub) -> None:
@@ -58,7 +58,7 @@ def register(sub) -> None:
 def run_command(args) -> int:
     from egm.bulk.progress import ProgressPrinter
     from egm.bulk.runner import BulkRun
-    from egm.bulk.session import EXIT_ERROR, EXIT_USAGE, DriveOptions, drive
+    from egm.cli.drive import EXIT_ERROR, EXIT_USAGE, DriveOptions, drive
     from egm.bulk.sources import SourceError
 
     settings = settings_from_flags(LABEL_STUDIO_URL=args.ls_url, LABEL_STUDIO_API_KEY=args.ls_key,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from config.settings import Settings, reload_settings
+from egm.config.settings import Settings, reload_settings
 from egm.logs import configure_logging
 
 

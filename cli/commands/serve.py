@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from egm.commands._common import settings_from_flags
+from egm.cli.commands._common import settings_from_flags
 
 
 def register(sub) -> None:
@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     settings = settings_from_flags(EGM_HOST=args.host, EGM_PORT=args.port)
-    from backend.app import serve
+    from egm.backend.app import serve
 
     serve(settings)
     return 0

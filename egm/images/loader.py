@@ -1,8 +1,8 @@
-"""Image loading for the workers: a task's image reference -> an upright RGB image.
+"""Image loading: a task's image reference -> an upright RGB image (workers and export).
 
-``load_image`` reads the bytes (:mod:`worker.image_sources`: Label Studio media,
+``load_image`` reads the bytes (:mod:`egm.images.sources`: Label Studio media,
 guarded http(s), local files, data: URLs) and decodes them
-(:mod:`worker.image_decode`: size cap before decoding, full decode, first frame,
+(:mod:`egm.images.decode`: size cap before decoding, full decode, first frame,
 any mode to RGB, EXIF orientation applied). Every failure is an
 :class:`ImageLoadError` with a ``kind``; the caller fails only that task.
 ``fetch_many`` loads a batch concurrently and never raises.
@@ -17,10 +17,10 @@ from typing import Sequence
 
 from PIL import Image
 
-from worker.image_decode import decode_image
-from worker.image_errors import IMAGE_ERROR_KINDS, ImageErrorKind, ImageLoadError
-from worker.image_sources import MediaDownloader, read_source
-from worker.url_guard import UrlGuard, redact_url
+from egm.images.decode import decode_image
+from egm.images.errors import IMAGE_ERROR_KINDS, ImageErrorKind, ImageLoadError
+from egm.images.sources import MediaDownloader, read_source
+from egm.images.url_guard import UrlGuard, redact_url
 
 __all__ = [
     "IMAGE_ERROR_KINDS", "ImageErrorKind", "ImageLoadError", "LoadedImage", "MediaDownloader",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from egm.bulk.errors import service_errors
-from egm.commands._common import settings_from_flags
+from egm.cli.errors import service_errors
+from egm.cli.commands._common import settings_from_flags
 
 
 def register(sub) -> None:
