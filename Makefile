@@ -12,7 +12,7 @@ CONSTRAINTS = -c requirements/constraints.txt
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(VENV)/bin/pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[hf,export,test]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[hf,export,train,test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -48,13 +48,16 @@ PIXELS = 50176
 
 # --------------------------------------------------------------------------- helpers
 
-def _settings_env(ws: Workspace, model: str, manifest: dict) -> dict[str, str]:
-    """The environment of every egm-assist command and worker the loop starts for ``model``."""
+def _settings_env(ws: Workspace, model: str, manifest: dict, files_root: Path | None = None) -> dict[str, str]:
+    """The environment of every egm-assist command and worker the loop starts for ``model``.
+
+    ``files_root``: Label Studio's local-files root, where the scenes are (default: the loop's folder).
+    """
     budget = manifest["budget"]
     return {"MODEL_DIR": str(ws.model(model)), "EGM_ENGINE": "hf", "EGM_DEVICE": "cpu",
             "EGM_MAX_PIXELS": str(budget["max_pixels"]), "EGM_MIN_PIXELS": str(budget["min_pixels"]),
             "EGM_MAX_NEW_TOKENS": str(budget["max_new_tokens"]), "EGM_PROMPT_MODE": manifest["prompt_mode"],
-            "EGM_LOCAL_FILES_ROOT": str(ws.root), "EGM_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1"}
+            "EGM_LOCAL_FILES_ROOT": str(files_root or ws.root), "EGM_LOG_FORMAT": "json", "HF_HUB_OFFLINE": "1"}
 
 
 def _settings(env: dict[str, str]):
@@ -116,7 +119,7 @@ def cmd_prepare(ws: Workspace, args) -> int:
     env = {"EGM_MAX_PIXELS": str(args.pixels), "EGM_MIN_PIXELS": str(args.pixels)}
     templates = load_templates(_settings(env))
     manifest = {
-        "version": 1, "v0_size": V0_SIZE, "model_size": TRAINED_SIZE, "budget": budget,
+        "version": 1, "v0_size": V0_SIZE, "model_size": args.trained_size, "budget": budget,
         "prompt_mode": args.prompt_mode, "seed": args.first_seed,
         "labeling_config": SHAPES_CONFIG.read_text(), "target": config.target.model_dump(),
         "templates": {"referring": templates.referring, "multi": templates.multi},
@@ -142,7 +145,7 @@ def _project(ws: Workspace, stack, split: str, manifest: dict) -> int:
     ls = stack.label_studio()
     pid = ls.create_project(manifest["labeling_config"], title=f"egm loop {split}")
     folder = ws.scenes(split)
-    rel = folder.relative_to(ws.root)
+    rel = folder.relative_to(ls.local_files_root)
     ls.call("POST", "/api/storages/localfiles/", json={"project": pid, "path": str(folder), "title": split,
                                                        "use_blob_urls": True})
     scenes = read_scenes(folder)
@@ -158,6 +161,7 @@ def _project(ws: Workspace, stack, split: str, manifest: dict) -> int:
 def cmd_prelabel(ws: Workspace, args, stack=None) -> int:
     """Pre-annotate a split's project with a model, through egm-assist prelabel and a local worker."""
     from closed_loop.stack import Stack
+    from egm.cli.drive import EXIT_FAILED_TASKS
 
     manifest = ws.manifest()
     if not (ws.model(args.model) / "config.json").is_file():
@@ -171,7 +175,7 @@ def cmd_prelabel(ws: Workspace, args, stack=None) -> int:
         for split in args.split:
             pid = _project(ws, stack, split, manifest)
             version = _model_version(ws, args.model, manifest)
-            env = {**_settings_env(ws, args.model, manifest), "REDIS_URL": stack.redis(),
+            env = {**_settings_env(ws, args.model, manifest, ls.local_files_root), "REDIS_URL": stack.redis(),
                    "EGM_QUEUE_PREFIX": f"loop{os.getpid()}", "LABEL_STUDIO_URL": ls.url,
                    "LABEL_STUDIO_API_KEY": ls.token, "EGM_BATCH_SIZE": str(args.engine_batch),
                    "EGM_BULK_BATCH_SIZE": str(args.job_size)}
@@ -186,14 +190,15 @@ def cmd_prelabel(ws: Workspace, args, stack=None) -> int:
             seconds = time.time() - started
             tail = log.read_text(errors="replace").splitlines()[-3:]
             print("\n".join("  " + line for line in tail))
-            if result.returncode != 0:
+            # 3: done, some tasks failed - for a model that writes no parseable box, that is its answer
+            if result.returncode not in (0, EXIT_FAILED_TASKS):
                 print(f"error: prelabel exited with {result.returncode}; run the same command again to resume "
                       f"(see {log})", file=sys.stderr)
                 code = result.returncode
                 continue
             ws.state.setdefault("versions", {})[args.model] = version
             _stage_done(ws, f"prelabel-{args.model}-{split}", seconds=round(seconds, 1), model_version=version,
-                        project=pid)
+                        project=pid, failed_tasks=result.returncode == EXIT_FAILED_TASKS)
         return code
     finally:
         if own:
@@ -260,7 +265,8 @@ def cmd_export(ws: Workspace, args, stack=None) -> int:
     stack = stack or Stack(ws)
     try:
         ls = stack.label_studio()
-        env = {**_settings_env(ws, "v0", ws.manifest()), "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token}
+        env = {**_settings_env(ws, "v0", ws.manifest(), ls.local_files_root), "LABEL_STUDIO_URL": ls.url,
+               "LABEL_STUDIO_API_KEY": ls.token}
         started = time.time()
         cmd = [sys.executable, "-m", "egm.cli", "export", "--project", str(pid), "--out", str(ws.export),
                "--format", "all"]
@@ -298,8 +304,9 @@ def _size(path: Path) -> int:
 
 
 def gpu_command(ws: Workspace, wheels: str) -> str:
-    return (f"pip install -q --no-index --find-links {wheels} --target /tmp/site trl datasets pydantic "
-            f"pydantic-settings && PYTHONPATH=/tmp/site python3 bench/loop.py --dir {ws.root.name} train --out $OUT")
+    # --no-deps: with --target, pip would otherwise reinstall what the image has (torch, transformers, ...)
+    return (f"pip install -q --no-index --no-deps --target /tmp/site {wheels}/*.whl && "
+            f"PYTHONPATH=/tmp/site python3 bench/loop.py --dir {ws.root.name} train --out $OUT")
 
 
 def cmd_unpack(ws: Workspace, args) -> int:
@@ -454,7 +461,7 @@ def cmd_train(ws: Workspace, args) -> int:
 
 # --------------------------------------------------------------------------- command line
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, default=DEFAULT_ROOT, help="the loop's folder (default .loop)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -472,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--max-new-tokens", type=int, default=192)
         sp.add_argument("--prompt-mode", choices=["multi", "per_label"], default="multi")
         sp.add_argument("--teach-steps", type=int, default=240, help="steps teaching v0 EGM's answer format")
+        sp.add_argument("--trained-size", default=TRAINED_SIZE, help=f"size the GPU call trains ({TRAINED_SIZE})")
 
     def pipeline_args(sp):
         sp.add_argument("--engine-batch", type=int, default=16, help="EGM_BATCH_SIZE of the worker (16)")
@@ -523,6 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if getattr(args, "split", None) is None and args.command == "prelabel":
         args.split = ["heldout", "train"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return args.func(Workspace(args.dir), args)
 
 

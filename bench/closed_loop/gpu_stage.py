@@ -71,7 +71,7 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     from egm.worker.training.sft_data import encode_rows, multi_category_rows, read_sft_jsonl
 
     t0 = time.monotonic()
-    deadline = t0 + (60 if args.tiny else args.deadline)
+    deadline = t0 + args.deadline
     manifest = ws.manifest()
     budget = manifest["budget"]
     cuda = torch.cuda.is_available()
@@ -129,13 +129,14 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     seconds = 20 if args.tiny else min(args.sft_seconds, deadline - time.monotonic() - RESERVE_AFTER_SFT_S
                                        - (args.grpo_seconds if _has_trl() else 0))
     config = SftConfig(seconds=max(10.0, seconds), batch_size=4 if args.tiny else args.batch_size, lr=args.lr,
-                       warmup_steps=5 if args.tiny else 100, eval_every_s=10 if args.tiny else 45)
+                       warmup_steps=5 if args.tiny else 100, eval_every_s=10 if args.tiny else 45,
+                       log_every=1 if args.tiny else 25)
     print(f"[{_t(t0)}] SFT on {len(data)} rows for {config.seconds:.0f} s", flush=True)
 
     def measure(m) -> dict:
         result = evaluate(m, processor, curve_set, modes=("multi",))["multi"]
-        print(f"    step {m and ''}held-out found@0.5 {result['found_share']:.1%} mean IoU {result['mean_iou']:.3f}",
-              flush=True)
+        print(f"    {len(curve_set.scenes)} held-out scenes: found@0.5 {result['found_share']:.1%}, "
+              f"mean IoU {result['mean_iou']:.3f}", flush=True)
         return {"found_share": result["found_share"], "mean_iou": result["mean_iou"]}
 
     figures["sft"] = phase("sft", lambda: train_sft(model, data, config, measure=measure))

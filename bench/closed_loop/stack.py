@@ -19,12 +19,17 @@ from egm import processes
 from .workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
+#: a first start migrates a fresh database: 30 s on a quiet machine, several minutes on a busy one
+STARTUP_TIMEOUT_S = 900
 
 
 def _server_class():
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    from tests.fixtures import labelstudio
     from tests.fixtures.labelstudio import LabelStudioServer
+
+    labelstudio.STARTUP_TIMEOUT_S = max(labelstudio.STARTUP_TIMEOUT_S, STARTUP_TIMEOUT_S)
 
     class LoopLabelStudio(LabelStudioServer):
         """The test suite's headless Label Studio, serving local files from the loop's folder."""
