@@ -3,7 +3,6 @@ read like verl, the exported reward called like verl calls it, the annotator's c
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path

@@ -44,8 +44,8 @@ class _Tee(io.TextIOBase):
 def run_gpu_stage(ws, out: Path, args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train.log", "a", encoding="utf-8")
-    sys.stdout = _Tee(sys.__stdout__, log)
-    sys.stderr = _Tee(sys.__stderr__, log)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(saved[0], log), _Tee(saved[1], log)
     figures: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "phases": {}}
     try:
         return _run(ws, out, args, figures)
@@ -55,7 +55,7 @@ def run_gpu_stage(ws, out: Path, args) -> int:
         return 1
     finally:
         _write(out, figures)
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        sys.stdout, sys.stderr = saved
         log.close()
 
 
@@ -120,7 +120,8 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     # ---- SFT
     export = ws.export
     rows = read_sft_jsonl(export / "sft" / "train.jsonl", export)
-    derived = [] if args.no_multi_rows else multi_category_rows(rows, target.labels, templates.multi_prompt(target.labels))
+    multi_prompt = templates.multi_prompt(target.labels)
+    derived = [] if args.no_multi_rows else multi_category_rows(rows, target.labels, multi_prompt)
     if args.tiny:
         rows, derived = rows[:24], derived[:8]
     data = phase("encode", lambda: encode_rows(rows + derived, processor, model, min_pixels=budget["min_pixels"],
@@ -140,7 +141,7 @@ def _run(ws, out: Path, args, figures: dict) -> int:
         return {"found_share": result["found_share"], "mean_iou": result["mean_iou"]}
 
     figures["sft"] = phase("sft", lambda: train_sft(model, data, config, measure=measure))
-    del data
+    data.pixel_values = []  # the encoded images are not needed any more; GRPO has its own
     figures["v1"] = phase("evaluate v1", lambda: evaluate(model, processor, heldout))
     _print_scores("v1", figures["v1"])
     phase("save v1", lambda: _save(model, processor, out / "v1.tar", figures, "v1"))

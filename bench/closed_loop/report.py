@@ -87,7 +87,8 @@ def _met(heldout: dict) -> bool | None:
 
 def markdown(r: dict) -> str:
     s, gpu = r["setup"], r["gpu"]
-    lines = [f"# Closed loop: {r['date']}, {r['machine']}" + (f", GPU {s['gpu_device']}" if s.get("gpu_device") else ""),
+    gpu_name = f", GPU {s['gpu_device']}" if s.get("gpu_device") else ""
+    lines = [f"# Closed loop: {r['date']}, {r['machine']}{gpu_name}",
              "",
              f"Scenes: {s['scenes']['train']['count']} train, {s['scenes']['heldout']['count']} held-out; "
              f"labels {', '.join(s['labels'])}; model `{s['model_size']}` ({_num(s['parameters'])} parameters), "
@@ -119,7 +120,8 @@ def markdown(r: dict) -> str:
             lines += ["", f"SFT: {rows.get('export_rows')} exported rows + {rows.get('multi_category_rows')} "
                           f"multi-category rows ({rows.get('mean_tokens')} tokens each on average), "
                           f"{sft['steps']} steps of {sft['config']['batch_size']} in {sft['train_seconds']} s "
-                          f"({sft['samples_per_second']} rows/s, {sft['epochs']} epochs), final loss {sft['final_loss']}.",
+                          f"({sft['samples_per_second']} rows/s, {sft['epochs']} epochs), "
+                          f"final loss {sft['final_loss']}.",
                       "", "| seconds | step | held-out found@0.5 | mean IoU |", "|---:|---:|---:|---:|"]
             for e in sft.get("eval_curve", []):
                 lines.append(f"| {e['seconds']} | {e['step']} | {e['found_share']:.1%} | {e['mean_iou']:.3f} |")

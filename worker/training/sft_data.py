@@ -23,7 +23,6 @@ prompt no better than before.
 from __future__ import annotations
 
 import json
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,8 +235,3 @@ def answer_labels(input_ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
         labels[start:stop] = input_ids[start:stop]
         pos = stop
     return labels
-
-
-def prompt_of(row: SftRow) -> str:
-    """The question as one string, the image placeholder left out (what an engine request carries)."""
-    return re.sub(r"\s+", " ", f"{row.before} {row.after}").strip()
