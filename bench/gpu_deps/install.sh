@@ -65,7 +65,10 @@ install_vllm() {
   if cmp -s "$ROOT/parts/SHA256SUMS" "$ROOT/vllm/.complete" 2>/dev/null; then return 0; fi
   local want have
   want=$(wc -l < "$ROOT/parts/SHA256SUMS")
-  have=$(cd "$ROOT/parts" && cut -d' ' -f3 SHA256SUMS | while read -r f; do [ -f "$f" ] && echo "$f"; done | wc -l)
+  have=0
+  for f in $(cut -d' ' -f3 "$ROOT/parts/SHA256SUMS"); do
+    if [ -f "$ROOT/parts/$f" ]; then have=$((have + 1)); fi
+  done
   if [ "$have" -lt "$want" ]; then
     say "vLLM: $have of $want parts here; send the others in the next call (the machine must stay warm)"
     return 0
