@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
 import sys
 import time
@@ -121,7 +122,8 @@ def make_photos(out: Path, n: int, width: int = 1920, height: int = 1080, jobs: 
         for w in work:
             _write(w)
     else:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        # spawn, not fork: the caller may be multi-threaded with CUDA up (gpu_e2e builds the model meanwhile)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             list(pool.map(_write, work, chunksize=8))
     return [out / f"photo-{i:06d}.jpg" for i in range(n)]
 
