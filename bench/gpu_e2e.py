@@ -463,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         "photo_mb": mb, "new_tokens": args.new_tokens, "batches": args.batches, "e2e": {}, "settings": env,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu-e2e-" + "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-") + (
-        "-tiny" if args.tiny else "")
+    stem = ("gpu-e2e-" + "".join(c if c.isalnum() else "-" for c in card.lower()).strip("-")
+            + ("" if args.engine == "hf" else f"-{args.engine}") + ("-tiny" if args.tiny else ""))
 
     def save() -> None:
         record["goals"] = goals(record)
@@ -480,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
         store = RunStore(processes_redis(redis_url), prefix)
         log = work / "worker.log"
+        for old_log in (log, work / "worker-interactive.log", work / "prelabel.log"):
+            old_log.unlink(missing_ok=True)  # a kept --work folder: only this run's lines count
         t0 = time.perf_counter()
         worker = processes.spawn(["worker", "--name", "e2e-w0"], env, log)
         record["worker_ready_s"] = wait_worker_ready(log, worker, 600)

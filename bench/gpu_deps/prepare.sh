@@ -21,7 +21,6 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 DEST=$(mkdir -p "${1:-.gpu}" && cd "${1:-.gpu}" && pwd)
 CACHE=${EGM_GPU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/egm-gpu-deps}
 FORCE=${FORCE:-0}
-mkdir -p "$CACHE/wheels"
 
 PLATFORMS=""
 for tag in manylinux1 manylinux2014 manylinux_2_5 manylinux_2_17 manylinux_2_24 manylinux_2_26 manylinux_2_27 \
@@ -32,6 +31,8 @@ done
 # (how install.sh is tested on the CPU box)
 PYVER=${EGM_GPU_PYVER:-3.12}
 PIP_TARGET_FLAGS="--only-binary=:all: --python-version $PYVER --implementation cp --abi cp${PYVER/./} --abi abi3 --abi none $PLATFORMS"
+WHEELS=$CACHE/wheels-cp${PYVER/./}  # one cache per Python: a name-version glob must not pick another's wheel
+mkdir -p "$WHEELS"
 
 say() { echo "gpu-deps: $*"; }
 
@@ -41,14 +42,14 @@ pins() { grep -v '^\s*#' "$1" | grep -v '^\s*$'; }
 fetch() {
   local list=$1 spec name ver found
   # shellcheck disable=SC2086
-  python3 -m pip download -q --disable-pip-version-check --no-deps $PIP_TARGET_FLAGS -d "$CACHE/wheels" \
+  python3 -m pip download -q --disable-pip-version-check --no-deps $PIP_TARGET_FLAGS -d "$WHEELS" \
     -r "$list" 2> >(grep -v "is ignored: it is neither" >&2)
   while read -r spec; do
     name=${spec%%==*}; ver=${spec#*==}
     # wheel file names normalise - and . in the project name to _
-    found=$(ls "$CACHE/wheels/$(echo "$name" | tr '.-' '__')-$ver-"*.whl 2>/dev/null \
-            || ls "$CACHE/wheels/$name-$ver-"*.whl 2>/dev/null || true)
-    [ -n "$found" ] || { echo "gpu-deps: no wheel for $spec in $CACHE/wheels" >&2; exit 1; }
+    found=$(ls "$WHEELS/$(echo "$name" | tr '.-' '__')-$ver-"*.whl 2>/dev/null \
+            || ls "$WHEELS/$name-$ver-"*.whl 2>/dev/null || true)
+    [ -n "$found" ] || { echo "gpu-deps: no wheel for $spec in $WHEELS" >&2; exit 1; }
     echo "$found" | head -1
   done < <(pins "$list")
 }
