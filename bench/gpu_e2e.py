@@ -445,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     gen.start()
     model_dir = build_checkpoint(work, args.tiny, device)
+    gc.collect()
+    _empty_cache()  # the builder's copy of the weights: the worker needs the memory
     gen.join()
     files = sorted(photo_dir.glob("photo-*.jpg"))[:n_all]
     mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
