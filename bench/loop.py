@@ -285,11 +285,14 @@ def cmd_export(ws: Workspace, args, stack=None) -> int:
 
 def cmd_gpu_command(ws: Workspace, args) -> int:
     """Print the GPU call: the command and its carry list."""
-    sizes = {p: _size(REPO_ROOT_OF(ws) / p) for p in ws.carry()}
+    sizes = {p: _size(REPO_ROOT_OF(ws) / p) for p in ws.carry() + list(GPU_DEPS)}
+    missing = [p for p in GPU_DEPS if not (REPO_ROOT_OF(ws) / p).is_dir()]
     print("carry:", json.dumps(list(sizes)))
     print(_table([[p, f"{s / 1e6:.1f} MB"] for p, s in sizes.items()], ["path", "size"]))
-    print(f"total {sum(sizes.values()) / 1e6:.1f} MB (+ the wheels folder)")
-    print("command:", gpu_command(ws, args.wheels))
+    print(f"total {sum(sizes.values()) / 1e6:.1f} MB of the 64 MiB a call carries")
+    if missing:
+        print(f"note: {', '.join(missing)} missing here: `make gpu-deps` builds them (bench/gpu_deps)")
+    print("command:", gpu_command(ws))
     return 0
 
 
@@ -303,10 +306,13 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def gpu_command(ws: Workspace, wheels: str) -> str:
-    # --no-deps: with --target, pip would otherwise reinstall what the image has (torch, transformers, ...)
-    return (f"pip install -q --no-index --no-deps --target /tmp/site {wheels}/*.whl && "
-            f"PYTHONPATH=/tmp/site python3 bench/loop.py --dir {ws.root.name} train --out $OUT")
+#: what the GPU image lacks, as `make gpu-deps` builds it (bench/gpu_deps): pydantic & co., TRL + datasets
+GPU_DEPS = (".gpu/base", ".gpu/trl")
+
+
+def gpu_command(ws: Workspace) -> str:
+    return ("bash bench/gpu_deps/install.sh && . /tmp/egm-gpu/env.sh && "
+            f"python3 bench/loop.py --dir {ws.root.name} train --out $OUT")
 
 
 def cmd_unpack(ws: Workspace, args) -> int:
@@ -493,8 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp = stage("annotate", cmd_annotate, "write the train scenes' true boxes as corrections")
     sp.add_argument("--model", default="v0", help="the model whose predictions the annotator corrects")
     stage("export", cmd_export, "egm-assist export of the train project")
-    sp = stage("gpu-command", cmd_gpu_command, "print the GPU call and its carry list")
-    sp.add_argument("--wheels", default=".gpu/wheels", help="folder of the wheels the GPU image lacks")
+    stage("gpu-command", cmd_gpu_command, "print the GPU call and its carry list")
     sp = stage("train", cmd_train, "the GPU call: SFT, GRPO, held-out figures, v1 checkpoints in --out")
     sp.add_argument("--out", required=True)
     sp.add_argument("--deadline", type=float, default=540, help="seconds the whole call may take (540)")
@@ -522,7 +527,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp = stage("cpu-before", cmd_cpu_before, "prepare + prelabel v0 + annotate + export (CPU)")
     prepare_args(sp)
     pipeline_args(sp)
-    sp.add_argument("--wheels", default=".gpu/wheels")
     sp = stage("cpu-after", cmd_cpu_after, "unpack + prelabel v1 + evaluate + report (CPU)")
     sp.add_argument("--gpu-out")
     pipeline_args(sp)

@@ -16,14 +16,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def map_rooms(repo: Path = REPO) -> None:
-    """Make ``egm.*`` importable from ``repo``; nothing to do when the project is installed."""
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
+    """Make ``egm.*`` importable from ``repo``; nothing to do when the project is installed or
+    already mapped (``bench/gpu_deps/install.sh`` links the rooms on the GPU machine)."""
     try:
         import egm.worker  # noqa: F401
         return
     except ImportError:
-        pass
+        for name in [m for m in sys.modules if m == "egm" or m.startswith("egm.")]:
+            del sys.modules[name]  # a bare repo/egm found first: import it again below, mapped
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
     import tomllib
 
     import egm

@@ -33,7 +33,9 @@ from egm.worker import jobs
 from egm.worker.cache import ResultCache
 from egm.worker.delivery import LabelStudioWriter
 from egm.worker.engines import Engine, create_engine
+from egm.worker.outbox import BackgroundWriter, Outbox
 from egm.worker.pipeline import BatchProcessor
+from egm.worker.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +89,23 @@ def make_label_studio_client(settings: Settings):
     return LabelStudioClient.from_settings(settings)
 
 
-def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker_name: str) -> jobs.Runtime:
+def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker_name: str,
+                  order: list[Priority] | None = None) -> jobs.Runtime:
     ls_client = make_label_studio_client(settings)
     cache = ResultCache(queue.redis, settings.queue_prefix, settings.cache_ttl_s)
     processor = BatchProcessor(engine, settings, cache=cache, ls_client=ls_client, worker_name=worker_name)
     writer = LabelStudioWriter(ls_client, queue.redis, settings.queue_prefix)
     from egm.worker.progress import record_batch
 
-    return jobs.Runtime(processor=processor, queue=queue, writer=writer,
-                        on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
+    rt = jobs.Runtime(processor=processor, queue=queue, writer=writer,
+                      on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
+    if settings.prefetch:
+        rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order)
+    if settings.write_behind:
+        outbox = Outbox(queue.redis, settings.queue_prefix, settings.outbox_lease_s)
+        rt.outbox = BackgroundWriter(outbox, lambda entry: jobs.write_entry(entry, rt),
+                                     max_pending=settings.outbox_max_pending)
+    return rt
 
 
 def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
@@ -107,13 +117,27 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     if engine is None:
         log.info("loading engine", extra={"engine": settings.engine, "model": settings.model_path})
         engine = create_engine(settings)
-    jobs.install(build_runtime(settings, engine, queue, worker_name))
     order = priorities or [Priority.interactive, Priority.bulk]
+    rt = build_runtime(settings, engine, queue, worker_name, order)
+    jobs.install(rt)
+    if rt.outbox is not None:
+        rt.outbox.start()
     BatchWorker.heartbeat_s = settings.heartbeat_s
     try:
         return _serve(settings, queue, worker_name, order, engine.name, burst=burst, max_jobs=max_jobs)
     finally:
+        _stop_helpers(rt, settings)
         engine.close()
+
+
+def _stop_helpers(rt: jobs.Runtime, settings: Settings) -> None:
+    """Finish this worker's queued writes (they would wait for another worker otherwise), then stop."""
+    if rt.prefetcher is not None:
+        rt.prefetcher.close()
+    if rt.outbox is not None:
+        if not rt.outbox.drain(settings.ls_outage_wait_s + 30):
+            log.warning("stopping with unwritten results in the outbox; another worker writes them")
+        rt.outbox.stop()
 
 
 def _new_worker(settings: Settings, queue: QueueClient, name: str, order: list[Priority]) -> BatchWorker:

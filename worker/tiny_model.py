@@ -433,13 +433,16 @@ def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, ste
 
 def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = False, teach: bool = True,
                           size: str | ModelSize = "tiny", min_pixels: int | None = None,
-                          max_pixels: int | None = None, teach_steps: int = 240) -> Path:
+                          max_pixels: int | None = None, teach_steps: int = 240, device: str = "cpu") -> Path:
     """Write a loadable checkpoint folder (config, weights, tokenizer, processor) and return it.
 
     ``full_size=True`` (``size="full"``) writes the whole EGM-4B architecture (about 9 GB of bf16
-    weights); benchmarks should call :func:`build_model_and_processor` instead. Smaller sizes are
-    ``teach``-ed EGM's answer format (:func:`teach_answer`) so demos and tests get boxes; with
-    ``max_pixels`` set, at that image budget only (the processor's default is set to it too).
+    weights), for benchmarks whose model runs in another process (the end-to-end GPU benchmark's
+    worker); in-process benchmarks call :func:`build_model_and_processor` instead.
+    ``device="cuda"`` draws the random weights on the GPU (seconds, where the CPU takes minutes
+    for 4 B values). Smaller sizes are ``teach``-ed EGM's answer format (:func:`teach_answer`) so
+    demos and tests get boxes; with ``max_pixels`` set, at that image budget only (the
+    processor's default is set to it too).
     """
     import torch
 
@@ -447,7 +450,7 @@ def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = Fal
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if spec.name == "full" else torch.float32
-    model, processor = build_model_and_processor(device="cpu", dtype=dtype, seed=seed, size=spec,
+    model, processor = build_model_and_processor(device=device, dtype=dtype, seed=seed, size=spec,
                                                  min_pixels=min_pixels, max_pixels=max_pixels)
     taught = teach and spec.name != "full"
     if taught:
