@@ -127,8 +127,8 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     data = phase("encode", lambda: encode_rows(rows + derived, processor, model, min_pixels=budget["min_pixels"],
                                                max_pixels=budget["max_pixels"]).to(device))
     figures["sft_rows"] = {"export_rows": len(rows), "multi_category_rows": len(derived), **data.stats()}
-    seconds = 20 if args.tiny else min(args.sft_seconds, deadline - time.monotonic() - RESERVE_AFTER_SFT_S
-                                       - (args.grpo_seconds if _has_trl() else 0))
+    grpo_share = args.grpo_seconds if _has_trl() and args.grpo_seconds > 0 else 0
+    seconds = 20 if args.tiny else min(args.sft_seconds, deadline - time.monotonic() - RESERVE_AFTER_SFT_S - grpo_share)
     config = SftConfig(seconds=max(10.0, seconds), batch_size=4 if args.tiny else args.batch_size, lr=args.lr,
                        warmup_steps=5 if args.tiny else 100, eval_every_s=10 if args.tiny else 45,
                        log_every=1 if args.tiny else 25)
@@ -147,6 +147,9 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     phase("save v1", lambda: _save(model, processor, out / "v1.tar", figures, "v1"))
 
     # ---- GRPO
+    if args.grpo_seconds <= 0:
+        figures["grpo"] = {"skipped": "--grpo-seconds 0"}
+        return 0
     if not _has_trl():
         figures["grpo"] = {"skipped": "TRL is not installed (pip install trl datasets)"}
         print("GRPO skipped: TRL is not installed", flush=True)
