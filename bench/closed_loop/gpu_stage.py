@@ -128,9 +128,9 @@ def _run(ws, out: Path, args, figures: dict) -> int:
                                                max_pixels=budget["max_pixels"]).to(device))
     figures["sft_rows"] = {"export_rows": len(rows), "multi_category_rows": len(derived), **data.stats()}
     grpo_share = args.grpo_seconds if _has_trl() and args.grpo_seconds > 0 else 0
-    seconds = 20 if args.tiny else min(args.sft_seconds, deadline - time.monotonic() - RESERVE_AFTER_SFT_S - grpo_share)
+    seconds = 8 if args.tiny else min(args.sft_seconds, deadline - time.monotonic() - RESERVE_AFTER_SFT_S - grpo_share)
     config = SftConfig(seconds=max(10.0, seconds), batch_size=4 if args.tiny else args.batch_size, lr=args.lr,
-                       warmup_steps=5 if args.tiny else 100, eval_every_s=10 if args.tiny else 45,
+                       warmup_steps=5 if args.tiny else 100, eval_every_s=5 if args.tiny else 45,
                        log_every=1 if args.tiny else 25)
     print(f"[{_t(t0)}] SFT on {len(data)} rows for {config.seconds:.0f} s", flush=True)
 
@@ -163,7 +163,7 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     if left < 20:
         figures["grpo"] = {"skipped": f"no time left ({left:.0f} s)"}
         return 0
-    gconfig = GrpoConfig(seconds=10 if args.tiny else min(args.grpo_seconds, left), lr=args.grpo_lr,
+    gconfig = GrpoConfig(seconds=5 if args.tiny else min(args.grpo_seconds, left), lr=args.grpo_lr,
                          prompts_per_step=2 if args.tiny else 16, generations=2 if args.tiny else 8,
                          max_completion_tokens=24 if args.tiny else 96)
     reward = load_reward(export / "grpo" / "reward.py")
