@@ -297,6 +297,8 @@ def test_grpo_parquet_schema_loads_and_rewards(tmp_path, mode):
         assert compute_score(row["data_source"], own, gt, row["extra_info"]) == 1.0
         assert compute_score(row["data_source"], "no idea", gt, row["extra_info"]) == 0.0
     assert (tmp_path / "grpo" / "reward.py").read_text() == open(reward_module.__file__).read()
+    only_train = write_grpo([s for s in samples if s.split == "train"], tmp_path, TEMPLATES, images=mode)
+    assert only_train == {"train": 2, "val": 0} and not (tmp_path / "grpo" / "val.parquet").exists()
     single = write_grpo(samples, tmp_path, TEMPLATES, single_only=True, images=mode)
     assert single == {"train": 1, "val": 1}
     assert {r["data_source"] for r in pq.read_table(tmp_path / "grpo" / "train.parquet").to_pylist()} == {"grounding"}

@@ -96,7 +96,11 @@ def grpo_row(sample: Sample, index: int, templates: PromptTemplates, out_dir: Pa
 
 def write_grpo(samples: list[Sample], out_dir: Path, templates: PromptTemplates, *, single_only: bool = False,
                images: GrpoImages = DEFAULT_GRPO_IMAGES) -> dict[str, int]:
-    """Write ``grpo/train.parquet``, ``grpo/val.parquet`` and ``grpo/reward.py``; rows per split."""
+    """Write ``grpo/train.parquet``, ``grpo/val.parquet`` and ``grpo/reward.py``; rows per split.
+
+    A split without rows gets no file (and loses one left by an earlier export): HF
+    ``datasets``, which verl reads parquet with, fails on an empty parquet file.
+    """
     if images not in GRPO_IMAGE_MODES:
         raise ValueError(f"GRPO images must be one of {', '.join(GRPO_IMAGE_MODES)}, not {images!r}")
     out_dir = Path(out_dir)
@@ -106,7 +110,11 @@ def write_grpo(samples: list[Sample], out_dir: Path, templates: PromptTemplates,
     for split in ("train", "val"):
         chosen = [s for s in samples if s.split == split and (len(s.boxes) == 1 or not single_only)]
         rows = [grpo_row(s, i, templates, out_dir, images) for i, s in enumerate(chosen)]
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema(images)), folder / f"{split}.parquet")
+        path = folder / f"{split}.parquet"
+        if rows:
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema(images)), path)
+        else:  # HF datasets (verl's reader) cannot load an empty parquet file; none beats a broken one
+            path.unlink(missing_ok=True)
         counts[split] = len(rows)
     shutil.copyfile(REWARD_FILE, folder / "reward.py")
     return counts

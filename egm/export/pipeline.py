@@ -112,6 +112,8 @@ def run_export(client, settings: Settings, options: ExportOptions, rationale_cli
     if "grpo" in options.formats:
         datasets["grpo"] = write_grpo(state.samples, out_dir, templates, single_only=options.grpo_single_only,
                                       images=options.grpo_images)
+        state.warnings += [f"grpo/{split}.parquet not written: no rows (verl cannot read an empty parquet file)"
+                           for split, rows in datasets["grpo"].items() if not rows]
     if "coco" in options.formats:
         datasets["coco"] = write_coco(state.coco, config.target.labels, out_dir)
     _write_jsonl(out_dir / "annotations.jsonl", [asdict(d) | {"status": d.status.value}
@@ -246,6 +248,7 @@ def _report(options: ExportOptions, selection: Selection, state: _State, dataset
                     "model_versions": list(options.model_versions), "require_review": options.require_review,
                     "reviews_required": selection.reviews_required, "val_fraction": options.val_fraction,
                     "corrected_reasoning": options.corrected_reasoning,
+                    "grpo_images": options.grpo_images, "grpo_single_only": options.grpo_single_only,
                     "accept_tolerance": options.accept_tolerance, "match_iou": options.match_iou},
         "annotations": {"total": len(selection.decisions), "by_status": selection.counts(),
                         "measured": state.measured, "without_prediction": state.without_prediction},

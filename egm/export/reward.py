@@ -13,7 +13,7 @@ Use it as verl's custom reward function (EGM's own launch script passes the same
 The score depends on the row's ``data_source``:
 
 ``grounding`` (one box, EGM's rows)
-    EGM's published reward (zgq1879/EGM, ``verl/utils/reward_score/grounding.py``), case
+    EGM's published reward (zgq1879/EGM, ``verl/verl/utils/reward_score/grounding.py``), case
     for case: the answer's box is the last innermost ``[...]`` of the whole completion
     (inside ``<answer>...</answer>`` first when there is one), read as its first four
     numbers; fewer than four numbers there -> no box; no bracket at all -> the last four
@@ -29,8 +29,8 @@ The score depends on the row's ``data_source``:
     as above, and the sum is divided by ``max(#answer, #truth)``: missing and extra boxes
     both cost. The ground truth is a flat list of ``4 * k`` numbers (or a list of boxes).
 
-Deliberate deviations from EGM's file, all where EGM raises or cannot be reached by
-this project's rows (docs/export.md lists them with the parity table):
+Deliberate deviations from EGM's file (docs/export.md lists them next to the parity table;
+tests/test_reward.py tests each):
 
 * ``reward_type`` / ``alpha`` / ``threshold`` missing -> ``mix`` / 0.5 / 0.5 (EGM raises);
 * no ``width``/``height`` in ``extra_info`` -> IoU on the 0..1000 grid (EGM raises);
