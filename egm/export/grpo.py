@@ -74,7 +74,8 @@ def image_entry(sample: Sample, out_dir: Path, images: GrpoImages) -> dict:
     """One ``images`` entry in verl's multimodal form, for the image the export wrote."""
     path = (Path(out_dir) / str(sample.image.rel_path)).resolve()
     if not path.is_file():  # verl would drop the row without a word; say it here
-        raise FileNotFoundError(f"GRPO row {sample.id}: image {path} is missing (written by the export before the rows)")
+        raise FileNotFoundError(f"GRPO row {sample.id}: image {path} is missing "
+                                "(the export writes images before the rows)")
     if images == "bytes":
         return {"bytes": path.read_bytes()}
     return {"image": "file://" + path.as_posix()}
