@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import sys
 import tarfile
 import time
@@ -28,6 +29,7 @@ from typing import Any
 #: seconds kept back from the SFT budget for what follows it (evaluations, saving, GRPO's start-up)
 RESERVE_AFTER_SFT_S = 75
 HELDOUT_CURVE_SCENES = 64
+GRPO_MAX_ROWS = 1024
 
 
 class _Tee(io.TextIOBase):
@@ -157,8 +159,9 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     from egm.worker.training.grpo import GrpoConfig, load_reward, read_grpo_parquet, train_grpo
 
     grpo_rows = read_grpo_parquet(export / "grpo" / "train.parquet", export)
-    if args.tiny:
-        grpo_rows = grpo_rows[:8]
+    # a short phase sees a few hundred prompts: a seeded sample keeps TRL's dataset build short
+    random.Random(manifest.get("seed", 0)).shuffle(grpo_rows)
+    grpo_rows = grpo_rows[:8 if args.tiny else GRPO_MAX_ROWS]
     left = deadline - time.monotonic() - 40
     if left < 20:
         figures["grpo"] = {"skipped": f"no time left ({left:.0f} s)"}
