@@ -91,7 +91,8 @@ def markdown(r: dict) -> str:
     lines = [f"# Closed loop: {r['date']}, {r['machine']}{gpu_name}",
              "",
              f"Scenes: {s['scenes']['train']['count']} train, {s['scenes']['heldout']['count']} held-out; "
-             f"labels {', '.join(s['labels'])}; model `{s['model_size']}` ({_num(s['parameters'])} parameters), "
+             f"labels {', '.join(s['labels'])}; trained model `{s['model_size']}` ({_num(s['parameters'])} "
+             f"parameters), "
              f"image budget {s['budget']['max_pixels']} pixels, prompt mode `{s['prompt_mode']}`.", ""]
     lines += ["## Held-out scenes through the pipeline", "",
               "Predictions written to Label Studio by `egm-assist prelabel` (Redis, worker, transformers engine), "
@@ -148,9 +149,15 @@ def markdown(r: dict) -> str:
         lines += ["", "## Stages", "", "| stage | seconds | notes |", "|---|---:|---|"]
         for name, st in r["stages"].items():
             notes = ", ".join(f"{k} {v}" for k, v in st.items() if k not in ("finished", "seconds", "summary"))
+            if "summary" in st:
+                x = st["summary"]
+                sft = x.get("datasets", {}).get("sft", {})
+                notes = (f"{x.get('samples')} samples (SFT {sft.get('train')} train / {sft.get('val')} val), "
+                         f"v0 boxes accepted {x.get('acceptance_rate', 0):.0%}, mean IoU of moved boxes "
+                         f"{x.get('mean_iou')}")
             lines.append(f"| {name} | {st.get('seconds', '')} | {notes} |")
     return "\n".join(lines) + "\n"
 
 
 def _num(n) -> str:
-    return f"{n / 1e6:.1f} M" if isinstance(n, (int, float)) else "?"
+    return f"{n / 1e6:.1f} M" if isinstance(n, (int, float)) else "counted by the GPU call:"

@@ -23,9 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 900
 
 
-def _server_class():
+def _tests_importable() -> None:
+    """The server is the test suite's (tests/fixtures/labelstudio.py): import it from the checkout."""
     if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
+        sys.path.append(str(REPO))
+
+
+def _server_class():
+    _tests_importable()
     from tests.fixtures import labelstudio
     from tests.fixtures.labelstudio import LabelStudioServer
 
@@ -61,6 +66,7 @@ class Stack:
     def label_studio(self):
         if self.ls is not None:
             return self.ls
+        _tests_importable()
         from tests.fixtures.labelstudio import label_studio_binary
 
         binary = label_studio_binary()
