@@ -91,8 +91,7 @@ def markdown(r: dict) -> str:
     lines = [f"# Closed loop: {r['date']}, {r['machine']}{gpu_name}",
              "",
              f"Scenes: {s['scenes']['train']['count']} train, {s['scenes']['heldout']['count']} held-out; "
-             f"labels {', '.join(s['labels'])}; trained model `{s['model_size']}` ({_num(s['parameters'])} "
-             f"parameters), "
+             f"labels {', '.join(s['labels'])}; trained model `{s['model_size']}` ({_num(s['parameters'])}), "
              f"image budget {s['budget']['max_pixels']} pixels, prompt mode `{s['prompt_mode']}`.", ""]
     lines += ["## Held-out scenes through the pipeline", "",
               "Predictions written to Label Studio by `egm-assist prelabel` (Redis, worker, transformers engine), "
@@ -160,4 +159,4 @@ def markdown(r: dict) -> str:
 
 
 def _num(n) -> str:
-    return f"{n / 1e6:.1f} M" if isinstance(n, (int, float)) else "counted by the GPU call:"
+    return f"{n / 1e6:.1f} M parameters" if isinstance(n, (int, float)) else "parameters: after the GPU call"
