@@ -1,18 +1,28 @@
-"""A random-weight Qwen3-VL checkpoint that runs offline: tests, CI and GPU benchmarks.
+"""A random-weight Qwen3-VL checkpoint that runs offline: tests, CI, GPU benchmarks, the closed loop.
 
-Two sizes share one recipe:
+Three sizes (:data:`SIZES`) share one recipe:
 
-* tiny (default): 2 text layers of width 64 and 2 vision layers of width 32. About a
+* ``tiny`` (default): 2 text layers of width 64 and 2 vision layers of width 32. About a
   megabyte on disk; loads through ``AutoProcessor`` / ``AutoModelForImageTextToText``
   and generates on the CPU in well under a second.
-* full size: the EGM-4B architecture (REFERENCE.md section 1) with random bf16 weights,
+* ``small``: 4 text layers of width 256 and 4 vision layers of width 192 (about 7 M
+  parameters, 14 MB in bf16): the smallest size that learns to box shapes within minutes on
+  one GPU, the closed-loop benchmark's model (``bench/loop.py``, docs/loop.md). Its tokenizer
+  has also read the shape scenes' prompts and labels (:data:`SHAPES_CORPUS`).
+* ``full``: the EGM-4B architecture (REFERENCE.md section 1) with random bf16 weights,
   for timing. :func:`build_model_and_processor` builds it in memory, straight on the
   target device, so no 8 GB checkpoint is ever written.
 
-The tokenizer is always the small one trained here on EGM-style text (reasoning,
-``</think>``, fenced JSON with ``bbox_2d`` lists, digits). The full-size model keeps the real
-vocabulary size (151,936), so random weights can produce ids the small tokenizer does not
-know: the engine's decoder turns those into a replacement character instead of crashing.
+The tokenizer is always a small one trained here on EGM-style text (reasoning,
+``</think>``, fenced JSON with ``bbox_2d`` lists, digits, each digit its own token as in
+Qwen's tokenizer). The full-size model keeps the real vocabulary size (151,936), so random
+weights can produce ids the small tokenizer does not know: the engine's decoder turns those
+into a replacement character instead of crashing.
+
+The chat template renders an assistant turn as the Qwen3 Thinking models' template does
+(``<think>\n`` + reasoning + ``\n</think>\n\n`` + answer), so a conversation of the SFT
+export tokenizes for training exactly as the generation prompt (``...assistant\n<think>\n``)
+continues at inference.
 
 Nothing here touches the network.
 """
@@ -20,6 +30,7 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +39,7 @@ if TYPE_CHECKING:  # torch/transformers stay lazy: only worker code that runs a 
     from transformers import PreTrainedModel, ProcessorMixin
 
 #: bump when the recipe changes, so cached checkpoints are rebuilt
-TINY_MODEL_VERSION = 2
+TINY_MODEL_VERSION = 3
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -49,23 +60,33 @@ _SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# A Qwen3-VL chat template reduced to what EGM needs: images and text in user turns, and the
-# Thinking models' generation prompt that already opens the reasoning with ``<think>\n``.
+# A Qwen3-VL chat template reduced to what EGM needs: images and text in user turns; assistant
+# turns as the Thinking models render them (reasoning inside <think>...</think>, then the answer);
+# the generation prompt that already opens the reasoning with ``<think>\n``.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
+    "{%- set text = message['content'] -%}"
     "{%- else -%}"
+    "{%- set text = namespace(value='') -%}"
     "{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- set text.value = text.value + '<|vision_start|><|image_pad|><|vision_end|>' -%}"
     "{%- elif part['type'] == 'video' or 'video' in part -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- set text.value = text.value + '<|vision_start|><|video_pad|><|vision_end|>' -%}"
     "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
+    "{%- set text.value = text.value + part['text'] -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- set text = text.value -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' and '</think>' in text -%}"
+    "{%- set reasoning = text.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set answer = text.split('</think>')[-1].lstrip('\\n') -%}"
+    "{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' + answer -}}"
+    "{%- else -%}"
+    "{{- text -}}"
     "{%- endif -%}"
     "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
@@ -114,8 +135,22 @@ _CORPUS = [
 
 # --------------------------------------------------------------------------- tokenizer / processor
 
-def build_tokenizer(vocab_size: int = 640) -> Any:
-    """Train a byte-level BPE on the built-in corpus and wrap it as a fast HF tokenizer."""
+#: What the ``small`` size's tokenizer reads besides :data:`_CORPUS`: the shape scenes' prompts and
+#: answers (egm.scenes), so labels and prompts take a few tokens each, as in a real vocabulary.
+SHAPES_CORPUS = tuple(
+    line
+    for label in ("circle", "square", "triangle")
+    for line in (
+        f"Locate {label}, output its bbox coordinates using JSON format.",
+        f"\t{{\"bbox_2d\": [120, 345, 678, 901], \"label\": \"{label}\"}}",
+        f"The {label} is one of the shapes in the picture.",
+    )
+) + ('Locate every instance that belongs to the following categories: "circle, square, triangle". '
+     "Report bbox coordinates in JSON format.",)
+
+
+def build_tokenizer(vocab_size: int = 640, extra_corpus: tuple[str, ...] = ()) -> Any:
+    """Train a byte-level BPE on the built-in corpus (plus ``extra_corpus``) and wrap it as a fast HF tokenizer."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AddedToken, PreTrainedTokenizerFast
 
@@ -131,7 +166,8 @@ def build_tokenizer(vocab_size: int = 640) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(_CORPUS, trainer=trainer)
+    # repeated so that the extra lines' pairs outnumber one-off pairs of the base corpus
+    core.train_from_iterator(list(_CORPUS) + list(extra_corpus) * 4, trainer=trainer)
     # Think tags after the specials, as added (non-special) tokens, like Qwen3's tokenizer.
     core.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
 
@@ -185,50 +221,92 @@ def _token_ids(tokenizer: Any) -> dict[str, int]:
     return ids
 
 
-def model_config(tokenizer: Any, *, full_size: bool = False) -> Any:
-    """Qwen3VLConfig for the tiny or the EGM-4B architecture, with token ids of ``tokenizer``."""
+@dataclass(frozen=True)
+class ModelSize:
+    """One architecture of the recipe (text and vision towers, tokenizer, initialisation)."""
+
+    name: str
+    text_hidden: int
+    text_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    text_intermediate: int
+    #: rotary frequencies of the temporal / height / width axes (sum = head_dim / 2)
+    mrope_section: tuple[int, int, int]
+    vision_hidden: int
+    vision_depth: int
+    vision_heads: int
+    vision_intermediate: int
+    #: learned position embeddings of the vision tower (a square grid, interpolated to each image)
+    vision_positions: int
+    #: vision layers whose features also feed the first text layers
+    deepstack: tuple[int, ...]
+    init_std: float
+    #: ``None``: the tokenizer's size
+    vocab_size: int | None = None
+    max_positions: int = 32768
+    tokenizer_vocab: int = 640
+    tokenizer_extra: tuple[str, ...] = ()
+
+
+#: The tiny model is initialised wider than usual: with std 0.02 it only ever repeats one token,
+#: and tests need answers that depend on the image and prompt.
+TINY = ModelSize("tiny", 64, 2, 4, 2, 16, 128, (4, 2, 2), 32, 2, 2, 64, 256, (0, 1), init_std=0.1)
+#: Width and depth picked so that a from-scratch model learns to box flat shapes within minutes on
+#: one H200 and its bf16 weights stay under 16 MB (docs/loop.md); 32-wide heads like the vision tower.
+SMALL = ModelSize("small", 256, 4, 8, 4, 32, 768, (6, 5, 5), 192, 4, 6, 576, 256, (1,), init_std=0.02,
+                  tokenizer_vocab=1024, tokenizer_extra=SHAPES_CORPUS)
+#: EGM-4B (REFERENCE.md 1); deepstack taps three vision layers that feed the first three text layers.
+FULL = ModelSize("full", 2560, 36, 32, 8, 128, 9728, (24, 20, 20), 1024, 24, 16, 4096, 2304, (5, 11, 17),
+                 init_std=0.02, vocab_size=151936, max_positions=262144)
+SIZES = {size.name: size for size in (TINY, SMALL, FULL)}
+
+
+def model_size(size: str | ModelSize = "tiny", *, full_size: bool = False) -> ModelSize:
+    """The preset called ``size`` (``full_size=True`` is the older spelling of ``size="full"``)."""
+    if isinstance(size, ModelSize):
+        return size
+    name = "full" if full_size else size
+    if name not in SIZES:
+        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(SIZES)}")
+    return SIZES[name]
+
+
+def tokenizer_for(size: str | ModelSize = "tiny") -> Any:
+    spec = model_size(size)
+    return build_tokenizer(spec.tokenizer_vocab, spec.tokenizer_extra)
+
+
+def model_config(tokenizer: Any, *, full_size: bool = False, size: str | ModelSize = "tiny") -> Any:
+    """Qwen3VLConfig of a size preset (tiny, small or the EGM-4B architecture), with token ids of ``tokenizer``."""
     from transformers import Qwen3VLConfig
 
+    spec = model_size(size, full_size=full_size)
     ids = _token_ids(tokenizer)
-    if full_size:
-        text = dict(
-            hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-            head_dim=128, intermediate_size=9728, vocab_size=151936, max_position_embeddings=262144,
-            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                             "mrope_section": [24, 20, 20], "mrope_interleaved": True},
-        )
-        # deepstack taps three vision layers; they feed the first three text layers
-        vision = dict(
-            hidden_size=1024, depth=24, num_heads=16, intermediate_size=4096, patch_size=16,
-            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2560,
-            num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
-        )
-    else:
-        # head_dim 16 -> 8 rotary frequencies, split T/H/W as 4/2/2 (interleaved like the real 24/20/20)
-        text = dict(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                             "mrope_section": [4, 2, 2], "mrope_interleaved": True},
-        )
-        vision = dict(
-            hidden_size=32, depth=2, num_heads=2, intermediate_size=64, patch_size=16,
-            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-            num_position_embeddings=256, deepstack_visual_indexes=[0, 1],
-        )
-    assert vision["out_hidden_size"] == text["hidden_size"], "vision output must match text width"
-    assert all(0 <= i < vision["depth"] for i in vision["deepstack_visual_indexes"])
-    assert sum(text["rope_parameters"]["mrope_section"]) == text["head_dim"] // 2
-
-    # The tiny model is initialised wider than usual: with std 0.02 it only ever repeats one token,
-    # and tests need answers that depend on the image and prompt.
-    init_std = 0.02 if full_size else 0.1
-    text.update(
-        initializer_range=init_std, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False,
+    if spec.vision_hidden % spec.vision_heads or len(spec.mrope_section) != 3:
+        raise ValueError(f"inconsistent model size {spec}")
+    if sum(spec.mrope_section) != spec.head_dim // 2:
+        raise ValueError(f"mrope_section {spec.mrope_section} must add up to head_dim / 2 = {spec.head_dim // 2}")
+    if not all(0 <= i < spec.vision_depth for i in spec.deepstack) or len(spec.deepstack) > spec.text_layers:
+        raise ValueError(f"deepstack layers {spec.deepstack} do not fit the towers")
+    text = dict(
+        hidden_size=spec.text_hidden, num_hidden_layers=spec.text_layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, head_dim=spec.head_dim, intermediate_size=spec.text_intermediate,
+        vocab_size=spec.vocab_size or len(tokenizer), max_position_embeddings=spec.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
+                         "mrope_section": list(spec.mrope_section), "mrope_interleaved": True},
+        initializer_range=spec.init_std, hidden_act="silu", rms_norm_eps=1e-6, attention_bias=False,
         tie_word_embeddings=True,
         pad_token_id=ids["<|endoftext|>"], bos_token_id=None, eos_token_id=ids["<|im_end|>"],
     )
-    vision.update(hidden_act="gelu_pytorch_tanh", in_channels=3, initializer_range=init_std)
+    vision = dict(
+        hidden_size=spec.vision_hidden, depth=spec.vision_depth, num_heads=spec.vision_heads,
+        intermediate_size=spec.vision_intermediate, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+        out_hidden_size=spec.text_hidden, num_position_embeddings=spec.vision_positions,
+        deepstack_visual_indexes=list(spec.deepstack),
+        hidden_act="gelu_pytorch_tanh", in_channels=3, initializer_range=spec.init_std,
+    )
     return Qwen3VLConfig(
         text_config=text,
         vision_config=vision,
@@ -237,7 +315,7 @@ def model_config(tokenizer: Any, *, full_size: bool = False) -> Any:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
-        initializer_range=init_std,
+        initializer_range=spec.init_std,
     )
 
 
@@ -271,21 +349,25 @@ def _random_model(config: Any, seed: int, device: str | torch.device, dtype: tor
 
 
 def build_model_and_processor(
-    full_size: bool = False, device: str = "cpu", dtype: str | torch.dtype = "auto", *, seed: int = 0
+    full_size: bool = False, device: str = "cpu", dtype: str | torch.dtype = "auto", *, seed: int = 0,
+    size: str | ModelSize = "tiny", min_pixels: int | None = None, max_pixels: int | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A random-weight model in memory plus its processor; nothing is written to disk.
+    """A random-weight model of a size preset in memory plus its processor; nothing is written to disk.
 
-    ``dtype="auto"``: bfloat16 on CUDA, float32 elsewhere.
+    ``dtype="auto"``: bfloat16 on CUDA, float32 elsewhere. ``min_pixels``/``max_pixels`` set the
+    processor's default image budget (what trainers that call the processor without one use).
     """
     import torch
 
+    spec = model_size(size, full_size=full_size)
     if dtype == "auto":
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    model = _random_model(model_config(tokenizer, full_size=full_size), seed, device, dtype)
+    tokenizer = tokenizer_for(spec)
+    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    processor = build_processor(tokenizer, **pixels)
+    model = _random_model(model_config(tokenizer, size=spec), seed, device, dtype)
     model.generation_config = generation_config(tokenizer)
     return model, processor
 
@@ -304,8 +386,13 @@ _TEACH_PROMPTS = (
 _TEACH_LABELS = ("circle", "square", "triangle", "person", "car", "dog", "the lady in the blue shirt")
 
 
+#: image budgets (max pixels) the tiny model is taught at: from a few visual tokens to EGM's default.
+TEACH_MAX_PIXELS = (16 * 1024, 64 * 1024, 300 * 1024, 1_003_520)
+
+
 def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, steps: int = 240,
-                 lr: float = 3e-3, seed: int = 0) -> float:
+                 lr: float = 3e-3, seed: int = 0, max_pixels: tuple[int, ...] = TEACH_MAX_PIXELS,
+                 min_pixels: int = 32 * 32) -> float:
     """Fine-tune a tiny random model until greedy decoding writes ``answer`` for any image and prompt.
 
     A random model writes noise, which the parser rightly rejects, so nothing downstream
@@ -330,7 +417,7 @@ def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, ste
         prompt = rng.choice(_TEACH_PROMPTS).format(label=labels[0], labels=", ".join(labels))
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         head = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        pixels = {"min_pixels": 32 * 32, "max_pixels": rng.choice((16 * 1024, 64 * 1024, 300 * 1024, 1_003_520))}
+        pixels = {"min_pixels": min_pixels, "max_pixels": rng.choice(max_pixels)}
         enc = processor(text=[head + answer + "<|im_end|>"], images=[image], return_tensors="pt", **pixels)
         n_head = processor(text=[head], images=[image], return_tensors="pt", **pixels)["input_ids"].shape[1]
         target = enc["input_ids"].clone()
@@ -345,30 +432,37 @@ def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, ste
 
 
 def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = False, teach: bool = True,
-                          device: str = "cpu") -> Path:
+                          size: str | ModelSize = "tiny", min_pixels: int | None = None,
+                          max_pixels: int | None = None, teach_steps: int = 240, device: str = "cpu") -> Path:
     """Write a loadable checkpoint folder (config, weights, tokenizer, processor) and return it.
 
-    ``full_size=True`` writes the whole EGM-4B architecture (about 9 GB of bf16 weights), for
-    benchmarks whose model runs in another process (the end-to-end GPU benchmark's worker);
-    in-process benchmarks call :func:`build_model_and_processor` instead. ``device="cuda"``
-    draws the random weights on the GPU (seconds, where the CPU takes minutes for 4 B values).
-    The tiny model is ``teach``-ed EGM's answer format (:func:`teach_answer`) so demos and tests
-    get boxes.
+    ``full_size=True`` (``size="full"``) writes the whole EGM-4B architecture (about 9 GB of bf16
+    weights), for benchmarks whose model runs in another process (the end-to-end GPU benchmark's
+    worker); in-process benchmarks call :func:`build_model_and_processor` instead.
+    ``device="cuda"`` draws the random weights on the GPU (seconds, where the CPU takes minutes
+    for 4 B values). Smaller sizes are ``teach``-ed EGM's answer format (:func:`teach_answer`) so
+    demos and tests get boxes; with ``max_pixels`` set, at that image budget only (the
+    processor's default is set to it too).
     """
     import torch
 
+    spec = model_size(size, full_size=full_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if full_size else torch.float32
-    model, processor = build_model_and_processor(full_size=full_size, device=device, dtype=dtype, seed=seed)
-    taught = teach and not full_size
+    dtype = torch.bfloat16 if spec.name == "full" else torch.float32
+    model, processor = build_model_and_processor(device=device, dtype=dtype, seed=seed, size=spec,
+                                                 min_pixels=min_pixels, max_pixels=max_pixels)
+    taught = teach and spec.name != "full"
     if taught:
-        teach_answer(model, processor, seed=seed)
+        budget = {} if max_pixels is None else {"max_pixels": (max_pixels,), "min_pixels": min_pixels or 32 * 32}
+        teach_answer(model, processor, seed=seed, steps=teach_steps, **budget)
+    if spec.name != "tiny":
+        model = model.to(torch.bfloat16)  # half the bytes; a CPU engine loads it back as float32
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / "egm_tiny_model.json").write_text(
-        json.dumps({"version": TINY_MODEL_VERSION, "seed": seed, "full_size": full_size, "taught": taught}) + "\n"
-    )
+    (out_dir / "egm_tiny_model.json").write_text(json.dumps(
+        {"version": TINY_MODEL_VERSION, "seed": seed, "size": spec.name, "full_size": spec.name == "full",
+         "taught": taught}) + "\n")
     return out_dir
 
 

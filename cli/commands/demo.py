@@ -1,9 +1,10 @@
 """``egm-assist demo``: the whole main path on built-in defaults, nothing to configure.
 
-Starts what is missing (a private redis-server when REDIS_URL is unset, the tiny
-random model when MODEL_DIR is unset), a worker and the ML backend, sends the
-bundled sample images through ``POST /predict`` exactly as Label Studio would,
-and writes a Label Studio import file with the predictions.
+Starts what is missing (a private redis-server when REDIS_URL is unset, a model
+when MODEL_DIR is unset: the shapes model trained by the closed loop when it is
+bundled in ``egm/samples/model``, else the tiny random model), a worker and the ML
+backend, sends the bundled sample images through ``POST /predict`` exactly as Label
+Studio would, and writes a Label Studio import file with the predictions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import egm
 from egm import processes
 
 SAMPLES = Path(egm.__file__).resolve().parent / "samples"
+#: the shapes model of the closed loop (bench/loop.py ship), with the settings it was trained for
+SHAPES_MODEL = SAMPLES / "model"
 DEMO_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image">
@@ -76,7 +79,14 @@ def run(args) -> int:
     engine = args.engine or os.environ.get("EGM_ENGINE", "hf")
     env["EGM_ENGINE"] = engine
     tiny = engine == "hf" and not os.environ.get("MODEL_DIR")
-    if tiny:
+    if tiny and (SHAPES_MODEL / "egm_model.json").is_file():
+        tiny = False
+        meta = json.loads((SHAPES_MODEL / "egm_model.json").read_text())
+        print(f"using the bundled shapes model ({meta.get('about', SHAPES_MODEL)})", flush=True)
+        env["MODEL_DIR"] = str(SHAPES_MODEL)
+        env.update({k: str(v) for k, v in meta.get("settings", {}).items() if k not in os.environ})
+        env.setdefault("EGM_DEVICE", os.environ.get("EGM_DEVICE", "cpu"))
+    elif tiny:
         env["MODEL_DIR"] = str(_tiny_model_dir())
         env["EGM_MAX_NEW_TOKENS"] = os.environ.get("EGM_MAX_NEW_TOKENS", "128")
         env["EGM_DEVICE"] = os.environ.get("EGM_DEVICE", "cpu")

@@ -1,0 +1,237 @@
+"""The SFT export read as Qwen's qwen-vl-finetune reads it, encoded once for a trainer.
+
+qwen-vl-finetune (QwenLM/Qwen3-VL, ``qwenvl/data/data_processor.py``) turns each JSONL row
+into chat messages: the human turn is split at ``<image>`` into the image (its path joined
+to the data folder) and the stripped text around it; the gpt turn becomes the assistant's
+text. The processor's chat template tokenizes the conversation, and only the answer is
+trained on: the tokens after ``<|im_start|>assistant\\n`` up to and including ``<|im_end|>``
+and the newline after it. This module does the same, with two shortcuts that do not change
+a single token or pixel (``tests/test_loop_training.py`` checks it against
+``processor.apply_chat_template(..., tokenize=True)``):
+
+* each image is preprocessed once, however many rows ask about it, and the image
+  placeholder is expanded to the image's token count as the processor does;
+* the 3-D rope positions are computed once per row instead of at every step.
+
+:func:`multi_category_rows` adds, per image, one row that asks for every label with the
+project's multi-category prompt (``EGM_PROMPT_MODE=multi``, the default pre-annotation
+prompt) and answers with the boxes of that image's per-label rows. The export writes EGM's
+per-label rows only; without these rows a model fine-tuned on it answers the default
+prompt no better than before.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from egm.parsing import format_completion, parse_completion
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PAD = "<|image_pad|>"
+IGNORE_INDEX = -100
+
+
+class SftDataError(ValueError):
+    """A row of the SFT JSONL that cannot be trained on (named by file and line)."""
+
+
+@dataclass(frozen=True)
+class SftRow:
+    id: str
+    #: absolute path of the image
+    image: Path
+    #: the human turn split at ``<image>``: text before and after the image, each stripped
+    before: str
+    after: str
+    answer: str
+
+    def messages(self) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = []
+        if self.before:
+            content.append({"type": "text", "text": self.before})
+        content.append({"type": "image", "image": str(self.image)})
+        if self.after:
+            content.append({"type": "text", "text": self.after})
+        return [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": self.answer}]}]
+
+
+def read_sft_jsonl(path: Path, data_path: Path) -> list[SftRow]:
+    """Rows of ``path``; image paths are relative to ``data_path`` (qwen-vl-finetune's ``data_path``)."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                rows.append(_row(json.loads(line), Path(data_path), f"{path}:{lineno}"))
+    return rows
+
+
+def _row(item: Any, data_path: Path, where: str) -> SftRow:
+    if not isinstance(item, dict):
+        raise SftDataError(f"{where}: a row must be a JSON object")
+    image, turns = item.get("image"), item.get("conversations")
+    if not isinstance(image, str) or not image:
+        raise SftDataError(f"{where}: 'image' must be one path (got {image!r})")
+    if (not isinstance(turns, list) or len(turns) != 2 or not all(isinstance(t, dict) for t in turns)
+            or [t.get("from") for t in turns] != ["human", "gpt"]):
+        raise SftDataError(f"{where}: 'conversations' must be one human turn and one gpt turn")
+    question, answer = turns[0].get("value"), turns[1].get("value")
+    if not isinstance(question, str) or question.count(IMAGE_PLACEHOLDER) != 1 or not isinstance(answer, str):
+        raise SftDataError(f"{where}: the human turn must hold exactly one {IMAGE_PLACEHOLDER}")
+    before, after = question.split(IMAGE_PLACEHOLDER)
+    full = (data_path / image).resolve()
+    if not full.is_file():
+        raise SftDataError(f"{where}: image {full} does not exist")
+    return SftRow(id=str(item.get("id", where)), image=full, before=before.strip(), after=after.strip(),
+                  answer=answer)
+
+
+def multi_category_rows(rows: list[SftRow], categories: list[str], multi_prompt: str) -> list[SftRow]:
+    """One row per image asking for all ``categories`` at once (see the module docstring).
+
+    An image's per-label rows are those whose answer labels are categories; their boxes are
+    listed in the order of ``categories`` (then in their rows' order), with an empty reasoning.
+    Images with a row about anything else (a typed expression) get no multi-category row:
+    their per-label rows may not hold every labelled object.
+    """
+    by_image: OrderedDict[Path, list[SftRow]] = OrderedDict()
+    for row in rows:
+        by_image.setdefault(row.image, []).append(row)
+    out = []
+    for image, image_rows in by_image.items():
+        boxes: list[tuple[int, list[float], str]] = []
+        for row in image_rows:
+            parsed = parse_completion(row.answer)
+            if not parsed.boxes or any(b.label not in categories for b in parsed.boxes):
+                boxes = []
+                break
+            boxes += [(categories.index(b.label), b.box.to_list(), b.label) for b in parsed.boxes]
+        if not boxes:
+            continue
+        boxes.sort(key=lambda item: item[0])
+        answer = format_completion("", [(coords, label) for _, coords, label in boxes])
+        out.append(SftRow(id=f"{image_rows[0].id}-multi", image=image, before="", after=multi_prompt,
+                          answer=answer))
+    return out
+
+
+# --------------------------------------------------------------------------- encoding
+
+@dataclass
+class EncodedRow:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    #: (3, L) rope positions (temporal, height, width)
+    position_ids: torch.Tensor
+    #: index into :attr:`EncodedSft.pixel_values`
+    image: int
+
+
+class EncodedSft(torch.utils.data.Dataset):
+    """Encoded rows plus each image's pixels; ``collate`` builds right-padded batches."""
+
+    def __init__(self, rows: list[EncodedRow], pixel_values: list[torch.Tensor], grids: list[torch.Tensor],
+                 pad_id: int) -> None:
+        self.rows = rows
+        self.pixel_values = pixel_values
+        self.grids = grids
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    def to(self, device: torch.device | str) -> EncodedSft:
+        """Keep the pixels on ``device`` (the GPU holds thousands of small images easily)."""
+        self.pixel_values = [p.to(device) for p in self.pixel_values]
+        return self
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [self.rows[i] for i in indices]
+        n, width = len(rows), max(len(r.input_ids) for r in rows)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        mm = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((3, n, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r.input_ids)
+            input_ids[i, :k], labels[i, :k], attention[i, :k] = r.input_ids, r.labels, 1
+            mm[i, :k], positions[:, i, :k] = r.mm_token_type_ids, r.position_ids
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "mm_token_type_ids": mm,
+                "position_ids": positions,
+                "pixel_values": torch.cat([self.pixel_values[r.image] for r in rows]),
+                "image_grid_thw": torch.cat([self.grids[r.image] for r in rows])}
+
+    def stats(self) -> dict[str, float]:
+        lengths = [len(r.input_ids) for r in self.rows]
+        trained = [int((r.labels != IGNORE_INDEX).sum()) for r in self.rows]
+        return {"rows": len(self.rows), "images": len(self.pixel_values),
+                "mean_tokens": round(sum(lengths) / max(1, len(lengths)), 1),
+                "mean_answer_tokens": round(sum(trained) / max(1, len(trained)), 1)}
+
+
+def encode_rows(rows: list[SftRow], processor: Any, model: Any, *, min_pixels: int, max_pixels: int) -> EncodedSft:
+    """Tokenize every row and preprocess every image once (see the module docstring)."""
+    from PIL import Image
+
+    tokenizer = processor.tokenizer
+    merge = int(processor.image_processor.merge_size) ** 2
+    image_token = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    images: dict[Path, int] = {}
+    pixel_values: list[torch.Tensor] = []
+    grids: list[torch.Tensor] = []
+    encoded = []
+    for row in rows:
+        if row.image not in images:
+            with Image.open(row.image) as im:
+                pixels = processor.image_processor(images=[im.convert("RGB")], min_pixels=min_pixels,
+                                                   max_pixels=max_pixels, return_tensors="pt")
+            images[row.image] = len(pixel_values)
+            pixel_values.append(pixels["pixel_values"])
+            grids.append(pixels["image_grid_thw"])
+        index = images[row.image]
+        grid = grids[index]
+        text = processor.apply_chat_template(row.messages(), tokenize=False)
+        if text.count(IMAGE_PAD) != 1:
+            raise SftDataError(f"row {row.id}: the chat template wrote {text.count(IMAGE_PAD)} image placeholders")
+        text = text.replace(IMAGE_PAD, IMAGE_PAD * (int(grid.prod()) // merge))
+        input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        mm = (input_ids == image_token).long()
+        labels = answer_labels(input_ids, tokenizer)
+        if not (labels != IGNORE_INDEX).any():
+            raise SftDataError(f"row {row.id}: no assistant answer found to train on")
+        positions, _ = model.model.get_rope_index(input_ids[None], mm[None], image_grid_thw=grid)
+        encoded.append(EncodedRow(input_ids, labels, mm, positions[:, 0].cpu(), index))
+    return EncodedSft(encoded, pixel_values, grids, pad_id=tokenizer.pad_token_id)
+
+
+def answer_labels(input_ids: torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    """Labels that train on each assistant answer only (qwen-vl-finetune's masking)."""
+    head = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = input_ids.tolist()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    pos = 0
+    while pos <= len(ids) - len(head):
+        if ids[pos:pos + len(head)] != head:
+            pos += 1
+            continue
+        start = stop = pos + len(head)
+        while stop < len(ids) and ids[stop] != end:
+            stop += 1
+        if stop == len(ids):
+            break
+        stop = min(len(ids), stop + 2)  # <|im_end|> and the newline after it
+        labels[start:stop] = input_ids[start:stop]
+        pos = stop
+    return labels
