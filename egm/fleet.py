@@ -235,8 +235,9 @@ class Fleet:
         return self.view().version_for_planning(settings, pinned)
 
     def wait_for_ready(self, timeout_s: float, *, poll_s: float = 0.5, start_timeout_s: float | None = None,
-                       on_wait=None, check=None) -> FleetView:
-        """Block until a ready worker is live; return the view that has it.
+                       on_wait=None, check=None, accept=None) -> FleetView:
+        """Block until a ready worker is live (``accept(view)``, when given, decides which will do);
+        return the view that has it.
 
         Gives up (:class:`NoLiveWorker`) after ``timeout_s`` with no live worker at all, or after
         ``start_timeout_s`` while workers only report ``starting``. ``check(view)`` may raise to stop
@@ -247,7 +248,7 @@ class Fleet:
             view = self.view()
             if check is not None:
                 check(view)
-            if view.live_versions():
+            if (accept(view) if accept is not None else view.live_versions()):
                 return view
             waited = time.monotonic() - started
             loading = view.by_state(WorkerState.starting)

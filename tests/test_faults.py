@@ -158,6 +158,7 @@ def test_backend_killed_while_predict_calls_wait(label_studio, redis_url, procs)
     p = procs(redis_url, prefix, label_studio=label_studio, EGM_PREDICT_BUDGET_S="8", EGM_SCRIPTED_DELAY_S="1.5")
     p.worker("w1")
     p.backend()
+    p.wait_ready()
     items = list(tasks.items())
     calls = [dict(items[i:i + 2]) for i in range(0, 6, 2)]
     outcomes: list[str] = []
@@ -204,6 +205,7 @@ def test_live_backend_answers_and_the_worker_stays_out(label_studio, redis_url, 
     p = procs(redis_url, prefix, label_studio=label_studio, EGM_PREDICT_BUDGET_S="20")
     p.backend()
     p.worker("w1")
+    p.wait_ready()
     resp = p.predict(predict_body(project, tasks))
     assert resp.status_code == 200
     assert all(r and r["result"] for r in resp.json()["results"])
