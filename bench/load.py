@@ -56,7 +56,9 @@ PROMPT = ('Locate every instance that belongs to the following categories: "circ
 #: keys that may live without a TTL: fixed per deployment, or registries whose entries expire.
 PERMANENT_KEY_PATTERNS = ("rq:queues", "rq:workers", "rq:queue:", "rq:wip:", "rq:finished:", "rq:failed:",
                           "rq:deferred:", "rq:scheduled:", "rq:canceled:", "rq:workers:", "rq:cron",
-                          ":stats", ":runs", ":late", ":retries", "rq:suspended", "rq:clean_registries:")
+                          ":stats", ":runs", ":late", ":retries", "rq:suspended", "rq:clean_registries:",
+                          # one entry per model_version / live worker, not per job (egm.fleet)
+                          ":fleet:versions:", ":fleet:workers")
 REGISTRIES = ("rq:finished:", "rq:failed:")
 
 

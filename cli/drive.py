@@ -161,8 +161,9 @@ class FleetWatch:
             self.none_since = self.none_since or time.monotonic()
             seen_none = time.monotonic() - self.none_since
             if seen_none >= self.settings.worker_wait_s:
-                raise NoLiveWorker(f"no live worker for {seen_none:.0f} s (EGM_WORKER_WAIT_S): {view.no_worker_message()}; "
-                                   f"the run's batches stay queued: start a worker and run the same command again")
+                raise NoLiveWorker(f"no live worker for {seen_none:.0f} s (EGM_WORKER_WAIT_S): "
+                                   f"{view.no_worker_message()}; the run's batches stay queued: start a worker and "
+                                   f"run the same command again")
         version = self.run.spec.model_version
         if live and version not in live and not self.told_other_version:
             self.told_other_version = True

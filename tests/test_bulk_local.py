@@ -47,7 +47,8 @@ def settings(egm_env, monkeypatch, data):
 
 def make_run(settings, source: Path, out: Path, kind: str = "folder") -> BulkRun:
     spec = local_spec(settings, source=source, source_kind=kind, files_root=Path(settings.local_files_root),
-                      out_dir=out, target=local_target(["circle", "square"]), model_version=version_of(settings=settings))
+                      out_dir=out, target=local_target(["circle", "square"]),
+                      model_version=version_of(settings=settings))
     return BulkRun(settings, spec, poll_s=0.02)
 
 

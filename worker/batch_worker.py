@@ -38,6 +38,7 @@ from egm.config.settings import Settings
 from egm.contract import Priority
 from egm.fleet import Fleet
 from egm.identity import ModelIdentity
+from egm.logs import redact
 from egm.queue import QueueClient
 from egm.unserved import fail_unserved
 from egm.worker import jobs
@@ -141,13 +142,14 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
                         on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
 
 
-def failure_reason(exc: BaseException) -> str:
-    """One line a user can act on: our own errors say it all, others need their type."""
+def failure_reason(exc: BaseException, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """One line a user can act on (no secrets: it is published in Redis): our own errors say it all,
+    others need their type."""
     if isinstance(exc, (EngineError, IdentityError, OSError)) and str(exc):
         text = str(exc)
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())
+    return redact(" ".join(text.split()), secrets)
 
 
 def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
@@ -161,13 +163,16 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
     try:
         try:
             if engine is None:
-                log.info("loading engine", extra={"engine": settings.engine, "model": settings.model_path})
+                asked = {"hf": settings.model_path, "vllm": settings.model_path,
+                         "openai": settings.openai_model or settings.openai_base_url}.get(settings.engine)
+                # what was asked for; what loaded is logged as "serving model" with the identity
+                log.info("loading engine", extra={"engine": settings.engine, **({"asked_for": asked} if asked else {})})
                 engine = create_engine(settings)
             identity = identify(engine, settings)
         except Exception as exc:
-            presence.failed(failure_reason(exc))
-            log.error("worker failed to start", extra={"worker": worker_name, "reason": failure_reason(exc)},
-                      exc_info=True)
+            reason = failure_reason(exc, settings.secret_values())
+            presence.failed(reason)
+            log.error("worker failed to start", extra={"worker": worker_name, "reason": reason}, exc_info=True)
             if engine is not None:
                 engine.close()
             raise
@@ -224,7 +229,7 @@ def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priori
                 try:
                     identity = identify(engine, settings)
                 except Exception as exc:
-                    presence.failed(failure_reason(exc))
+                    presence.failed(failure_reason(exc, settings.secret_values()))
                     raise
                 log.warning("the served model changed; serving the new version", extra={
                     "worker": name, "previous": previous, "model_version": identity.model_version})

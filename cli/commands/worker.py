@@ -34,6 +34,6 @@ def run(args) -> int:
     except redis.exceptions.ConnectionError:
         raise  # service_errors says it in one line
     except Exception as exc:  # noqa: BLE001 - the reason is in the fleet registry and the log; one line here
-        print(f"error: worker stopped: {failure_reason(exc)}", file=sys.stderr)
+        print(f"error: worker stopped: {failure_reason(exc, settings.secret_values())}", file=sys.stderr)
         return 1
     return 0
