@@ -60,7 +60,7 @@ class BatchWorker(SimpleWorker):
     identity_changed = None
     #: set when the loop stopped because the served model changed.
     reidentify: bool = False
-    #: called between jobs with the fleet view: fails jobs of versions nobody serves.
+    #: called between jobs: fails overdue jobs of versions no live worker serves (egm.unserved).
     sweep = None
 
     def handle_warm_shutdown_request(self) -> None:
