@@ -144,10 +144,12 @@ class FleetWatch:
     """Called while a run is followed: ends the command when its workers are gone."""
 
     def __init__(self, settings: Settings, run: BulkRun, printer: ProgressPrinter,
-                 workers: LocalWorkers | None) -> None:
+                 workers: LocalWorkers | None, report_s: float = 10.0) -> None:
         self.settings, self.run, self.printer, self.workers = settings, run, printer, workers
         self.fleet = Fleet.from_settings(settings, run.queue.redis)
         self.none_since: float | None = None
+        self.reported_at = 0.0
+        self.report_s = report_s
         self.told_other_version = False
 
     def __call__(self) -> None:
@@ -164,6 +166,10 @@ class FleetWatch:
                 raise NoLiveWorker(f"no live worker for {seen_none:.0f} s (EGM_WORKER_WAIT_S): "
                                    f"{view.no_worker_message()}; the run's batches stay queued: start a worker and "
                                    f"run the same command again")
+            if seen_none and time.monotonic() - self.reported_at >= self.report_s:
+                self.reported_at = time.monotonic()
+                self.printer.message(f"no live worker for {seen_none:.0f} s (gives up after "
+                                     f"{self.settings.worker_wait_s:.0f} s, EGM_WORKER_WAIT_S)")
         version = self.run.spec.model_version
         if live and version not in live and not self.told_other_version:
             self.told_other_version = True
@@ -201,7 +207,7 @@ def _with_version(make_run, settings: Settings, options: DriveOptions, printer: 
         print("\ninterrupted while waiting for a worker: nothing was planned", file=sys.stderr)
         return EXIT_INTERRUPTED
     run = make_run(version)
-    return _drive(run, options, printer, out, FleetWatch(settings, run, printer, workers))
+    return _drive(run, options, printer, out, FleetWatch(settings, run, printer, workers, options.wait_report_s))
 
 
 def _drive(run: BulkRun, options: DriveOptions, printer: ProgressPrinter, out, watch=None) -> int:

@@ -38,11 +38,6 @@ def queue_name(prefix: str, priority: Priority, model_version: str) -> str:
     return f"{prefix}-{priority.value}{VERSION_SEPARATOR}{model_version}"
 
 
-def queue_names(prefix: str, model_version: str) -> list[str]:
-    """A worker's queues in the order it serves them: interactive always first."""
-    return [queue_name(prefix, p, model_version) for p in (Priority.interactive, Priority.bulk)]
-
-
 def parse_queue_name(prefix: str, name: str) -> tuple[Priority, str] | None:
     """``(priority, model_version)`` of one of this prefix's queues, else None."""
     for priority in Priority:
