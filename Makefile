@@ -7,7 +7,7 @@ LABEL_STUDIO_VERSION ?= 1.23.2
 PIP_FLAGS ?= -q --disable-pip-version-check
 CONSTRAINTS = -c requirements/constraints.txt
 
-.PHONY: demo test install install-ls check-redis bench-pipeline clean
+.PHONY: demo test install install-ls check-redis bench-pipeline gpu-deps clean
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: install install-ls check-redis
 
 bench-pipeline: install check-redis
 	$(VENV)/bin/python bench/pipeline.py
+
+# What a bare GPU machine lacks (the project's wheels, redis-server, TRL, vLLM 0.24.0) as folders
+# of .gpu/ that travel with device calls; docs/gpu.md says which call carries which.
+gpu-deps:
+	bash bench/gpu_deps/prepare.sh .gpu
 
 clean:
 	rm -rf $(VENV) $(LSVENV) out .pytest_cache .hypothesis

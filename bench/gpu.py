@@ -1,4 +1,4 @@
-"""GPU benchmark: plain transformers `generate` vs HFEngine's fast path, same card, same run.
+"""GPU benchmark: plain transformers `generate`, HFEngine's fast path and real vLLM, same card, same run.
 
 The model is the full-size EGM-4B architecture (Qwen3-VL-4B shapes) with random bf16 weights
 and the small locally trained tokenizer: nothing is downloaded. Every request is one 640x480
@@ -6,7 +6,13 @@ image with an EGM prompt, and exactly N new tokens are generated (EOS ignored), 
 do the same work. Reported per path and batch size: seconds, images/s, generated tokens/s,
 and the ratio to a floor computed from bytes and FLOPs with ceilings measured on this card.
 
+The ``vllm`` variant runs vLLM's offline ``LLM`` on the same shapes (dummy weights, same images
+and prompts, exactly N tokens; :mod:`gpu_vllm`), then the project's own ``VLLMEngine`` is
+checked against the real library (log-probs, prefix caching, memory back on close). On the
+GPU machine vLLM comes from ``bench/gpu_deps`` (docs/gpu.md).
+
     python3 bench/gpu.py                      # on the GPU machine, from the repo root
+    python3 bench/gpu.py --variants inductor,vllm --batches 1,8,32,64,128,256 --no-profile
     python3 bench/gpu.py --tiny               # CPU smoke test of the script itself
 
 Results: a table on stdout, and JSON + Markdown under --out (default bench/results/).
@@ -26,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "bench"))  # gpu_vllm; the project itself is the installed `egm` package
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -40,6 +46,8 @@ PROMPT = "Locate the {what}, output its bbox coordinates using JSON format"
 THINGS = ["red car on the left", "man in the blue shirt", "dog near the bench", "second chair from the left"]
 #: datasheet leads, used only when the card cannot be measured (CPU smoke test)
 NOMINAL = {"cpu": (50e9, 1e12)}
+VARIANTS = ("plain", "inductor", "graphs", "vllm")
+FAST = ("inductor", "graphs")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -293,7 +301,7 @@ def correctness_check(device: torch.device, args) -> dict:
 
 def markdown(record: dict) -> str:
     res, floors = record["results"], record["floors"]
-    names = [n for n in ("plain", "inductor", "graphs") if n in res]
+    names = [n for n in VARIANTS if n in res]
     lines = [
         f"# GPU benchmark: {record['card']}",
         "",
@@ -304,24 +312,24 @@ def markdown(record: dict) -> str:
         f"Measured ceilings: copy {record['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
         f"bf16 matmul {record['ceilings']['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s.",
         "",
-        "| batch | " + " | ".join(f"{n} s | {n} img/s" for n in names) + " | speed-up | floor s | best / floor |",
-        "|---:|" + "---:|---:|" * len(names) + "---:|---:|---:|",
+        "| batch | " + " | ".join(f"{n} s | {n} img/s" for n in names)
+        + " | fast / plain | fast / vllm | floor s | fast / floor | vllm / floor |",
+        "|---:|" + "---:|---:|" * len(names) + "---:|---:|---:|---:|---:|",
     ]
     for b in record["batches"]:
         row = [str(b)]
-        best = None
         for n in names:
-            cell = res[n]["batches"].get(str(b)) or res[n]["batches"].get(b)
-            if cell:
-                row += [f"{cell['median_s']:.3f}", f"{cell['images_per_s']:.1f}"]
-                if n != "plain":
-                    best = cell["median_s"] if best is None else min(best, cell["median_s"])
-            else:
-                row += ["-", "-"]
+            cell = _cell(res[n], b)
+            row += [f"{cell['median_s']:.3f}", f"{cell['images_per_s']:.1f}"] if cell else ["-", "-"]
+        fast = _best_fast(res, b)
+        vllm = _cell(res.get("vllm", {}), b)
         sp = record["speedup"].get(str(b)) or record["speedup"].get(b)
         fl = floors.get(str(b)) or floors.get(b)
-        row += [f"{sp:.2f}x" if sp else "-", f"{fl['floor_s']:.3f}" if fl else "-",
-                f"{best / fl['floor_s']:.1f}x" if (best and fl) else "-"]
+        row += [f"{sp:.2f}x" if sp else "-",
+                f"{fast['images_per_s'] / vllm['images_per_s']:.2f}x" if (fast and vllm) else "-",
+                f"{fl['floor_s']:.3f}" if fl else "-",
+                f"{fast['median_s'] / fl['floor_s']:.2f}x" if (fast and fl) else "-",
+                f"{vllm['median_s'] / fl['floor_s']:.2f}x" if (vllm and fl) else "-"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "| path | 1-image latency p50 | p90 | peak GPU memory | error |", "|---|---:|---:|---:|---|"]
     for n in names:
@@ -333,7 +341,25 @@ def markdown(record: dict) -> str:
     if record.get("correctness"):
         lines += [f"Fast path vs plain generate, tiny model fp32 on this device (equal greedy texts): "
                   f"{record['correctness']}", ""]
+    check = record.get("vllm_engine_check")
+    if check:
+        lines += [f"The project's VLLMEngine on vLLM {record.get('vllm_version', '?')} (dummy weights): "
+                  + ("ok" if check.get("ok") else "FAILED") + " - "
+                  + ", ".join(f"{k} {check[k]}" for k in ("answered", "requests", "with_logprobs", "logprobs_valid",
+                                                          "cached_tokens_second_pass", "clean_close",
+                                                          "free_gib_before", "free_gib_after_close", "error")
+                              if k in check), ""]
     return "\n".join(lines)
+
+
+def _cell(res: dict, b: int) -> dict | None:
+    batches = res.get("batches") or {}
+    return batches.get(str(b)) or batches.get(b)
+
+
+def _best_fast(res: dict, b: int) -> dict | None:
+    cells = [c for n in FAST if n in res and (c := _cell(res[n], b))]
+    return min(cells, key=lambda c: c["median_s"]) if cells else None
 
 
 def slug(name: str) -> str:
@@ -343,13 +369,14 @@ def slug(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (smoke test of this script)")
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32,64)")
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8,32,64,128,256)")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per image (default 128)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per batch size after the warm-up")
     ap.add_argument("--no-profile", action="store_true", help="skip the kernel profile of the fast path")
     ap.add_argument("--latency-repeats", type=int, default=10)
-    ap.add_argument("--variants", default="plain,inductor,graphs",
-                    help="plain (transformers generate), inductor (fast path), graphs (fast path without Inductor)")
+    ap.add_argument("--variants", default="plain,inductor,graphs,vllm",
+                    help="plain (transformers generate), inductor (fast path), graphs (fast path without Inductor), "
+                         "vllm (vLLM's offline LLM, then a check of the project's VLLMEngine)")
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--min-pixels", type=int, default=256 * 28 * 28 // 4)
@@ -362,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    batches = [int(b) for b in (args.batches or ("1,2,4" if args.tiny else "1,8,32,64")).split(",")]
+    batches = [int(b) for b in (args.batches or ("1,2,4" if args.tiny else "1,8,32,64,128,256")).split(",")]
     args.new_tokens = args.new_tokens or (16 if args.tiny else 128)
     variants = [v for v in args.variants.split(",") if v]
     if device.type == "cpu":
-        variants = [v for v in variants if v != "inductor"]  # CPU Inductor compiles for minutes
+        variants = [v for v in variants if v not in ("inductor", "vllm")]  # CPU Inductor compiles for minutes
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
     print(f"device: {card}; torch {torch.__version__}", flush=True)
 
@@ -413,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / f"{stem}.md").write_text(markdown(record))
 
     pixels = (args.min_pixels, args.max_pixels)
-    for name in variants:
+    for name in [v for v in variants if v != "vllm"]:
         if time.perf_counter() > deadline:
             record["results"][name] = {"batches": {}, "error": "skipped: time budget"}
             continue
@@ -433,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _summarise(record)
+        save()
+
+    if "vllm" in variants:
+        run_vllm(record, model, processor, args, batches, imgs, device, deadline)
         _summarise(record)
         save()
 
@@ -466,6 +498,51 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_vllm(record: dict, model, processor, args, batches: list[int], imgs, device, deadline: float) -> None:
+    """vLLM's offline LLM timed like the other variants, then the project's VLLMEngine checked;
+    both on a config-only checkpoint with vLLM's dummy (random) weights."""
+    import shutil
+    import tempfile
+
+    try:
+        import gpu_vllm
+        import vllm
+    except ImportError as exc:
+        record["results"]["vllm"] = {"batches": {}, "error": f"vLLM not importable: {exc}"}
+        return
+    folder = gpu_vllm.write_dummy_checkpoint(model, processor, Path(tempfile.mkdtemp(prefix="egm-vllm-ckpt-")))
+    record["vllm_version"] = vllm.__version__
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        t0 = time.perf_counter()
+        call, llm, startup = gpu_vllm.offline_call(folder, max(batches), args.new_tokens, args.min_pixels,
+                                                   args.max_pixels)
+        print(f"[vllm] {vllm.__version__} LLM() ready in {startup:.0f} s", flush=True)
+        res = run_variant("vllm", call, batches, imgs, args, device, deadline + 120)
+        res["startup_s"] = startup
+        record["results"]["vllm"] = res
+        gpu_vllm.shutdown(llm)
+        del call, llm
+        print(f"[vllm] offline timing done in {time.perf_counter() - t0:.0f} s", flush=True)
+    except Exception as exc:  # noqa: BLE001 - record it; the engine check may still run
+        import traceback
+
+        traceback.print_exc()
+        record["results"].setdefault("vllm", {"batches": {}})["error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        check = gpu_vllm.check_engine(folder, [im for im in imgs[:4]], [PROMPT.format(what=THINGS[0]),
+                                      PROMPT.format(what=THINGS[1])], args.min_pixels, args.max_pixels)
+    except Exception as exc:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        check = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    record["vllm_engine_check"] = check
+    print(f"[vllm] project VLLMEngine on real vLLM: {check}", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _phases_by_batch(phases: list[dict]) -> dict:
     out: dict = {}
     for p in phases:
@@ -476,7 +553,7 @@ def _phases_by_batch(phases: list[dict]) -> dict:
 def _summarise(record: dict) -> None:
     res = record["results"]
     plain = res.get("plain", {}).get("batches", {})
-    fast_names = [n for n in ("inductor", "graphs") if n in res]
+    fast_names = [n for n in FAST if n in res]
     for b in record["batches"]:
         best = [res[n]["batches"][b]["images_per_s"] for n in fast_names if b in res[n]["batches"]]
         if b in plain and best:
@@ -489,6 +566,11 @@ def _summarise(record: dict) -> None:
     lats = [res[n]["latency"]["p50_s"] for n in fast_names if res[n].get("latency")]
     if lats:
         goals["1 image < 1 s (p50)"] = f"{min(lats):.3f} s ({'met' if min(lats) < 1 else 'missed'})"
+    ratios = [fast["median_s"] / record["floors"][b]["floor_s"] for b in record["batches"]
+              if (fast := _best_fast(res, b)) and b in record["floors"]]
+    if ratios:
+        goals["fast path <= 1.5x the floor at every batch"] = (
+            f"worst {max(ratios):.2f}x ({'met' if max(ratios) <= 1.5 else 'missed'})")
     record["goals"] = goals
 
 

@@ -11,8 +11,13 @@ spends on one task when the engine takes no time. A GPU running EGM spends tens 
 milliseconds per image (REFERENCE.md 3: ~45 ms at batch 64 on an H200), so an overhead
 well under that keeps the GPU fed; the goal is under 5 ms.
 
+With ``--engine-seconds 64:1.3,256:4.0`` the scripted engine takes that long per call of that
+many images (the GPU batch time measured by ``bench/gpu_e2e.py``), one call per job: the
+table then says how close the whole bulk path through the real Label Studio comes to the
+engine alone (``e2e / engine``), with the write-behind outbox on and off (``--write-behind``).
+
 Usage: ``.venv/bin/python bench/pipeline.py [--tasks 400] [--workers 1,2,4] [--batch-size 8]
-[--modes label_studio,local] [--machine NAME]``. Needs redis-server and, for the
+[--modes label_studio,local] [--engine-seconds B:S,...] [--write-behind on,off] [--machine NAME]``. Needs redis-server and, for the
 label_studio mode, the test Label Studio (``.lsvenv``, see tests/fixtures/labelstudio.py).
 Prints a table and writes ``bench/results/pipeline-<machine>.{json,md}``.
 """
@@ -45,6 +50,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modes", default="label_studio,local")
     p.add_argument("--machine", default=f"cpu{os.cpu_count()}")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the best is kept)")
+    p.add_argument("--engine-seconds", default="",
+                   help="simulated engine time per call, per batch size, e.g. 64:1.3,256:4.0 (the job size is the "
+                        "batch size then; default: a no-op engine and --batch-sizes)")
+    p.add_argument("--write-behind", default="on", help="on, off or on,off (EGM_WRITE_BEHIND)")
     return p.parse_args()
 
 
@@ -74,10 +83,14 @@ class Bench:
         for proc in self.procs:
             processes.stop(proc)
 
-    def env(self, prefix: str, files_root: Path, batch_size: int) -> dict[str, str]:
+    def env(self, prefix: str, files_root: Path, batch_size: int, engine_s: float = 0.0,
+            write_behind: bool = True) -> dict[str, str]:
         env = {"REDIS_URL": self.redis_url, "EGM_QUEUE_PREFIX": prefix, "EGM_ENGINE": "scripted",
                "EGM_BULK_BATCH_SIZE": str(batch_size), "EGM_LOCAL_FILES_ROOT": str(files_root),
-               "EGM_LOG_LEVEL": "WARNING", "EGM_LOG_FORMAT": "json", "EGM_HEARTBEAT_S": "5"}
+               "EGM_LOG_LEVEL": "WARNING", "EGM_LOG_FORMAT": "json", "EGM_HEARTBEAT_S": "5",
+               "EGM_WRITE_BEHIND": "true" if write_behind else "false"}
+        if engine_s:
+            env.update({"EGM_SCRIPTED_DELAY_S": str(engine_s), "EGM_BATCH_SIZE": str(batch_size)})
         if self.ls is not None:
             env.update({"LABEL_STUDIO_URL": self.ls.url, "LABEL_STUDIO_API_KEY": self.ls.token})
         return env
@@ -87,7 +100,7 @@ class Bench:
         self.seed += 1  # fresh images every run: no cache hits, every task goes through the engine
         return {f"i{i:05d}.png": image_bytes(i, seed=100 + self.seed) for i in range(self.args.tasks)}
 
-    def run(self, mode: str, workers: int, batch_size: int) -> dict:
+    def run(self, mode: str, workers: int, batch_size: int, engine_s: float = 0.0, write_behind: bool = True) -> dict:
         prefix = f"bench{self.seed}-{mode[:2]}{workers}"
         if mode == "label_studio":
             pid = self.ls.create_project(BOXES_CONFIG)
@@ -100,7 +113,7 @@ class Bench:
             for name, data in self.images(root).items():
                 (root / name).write_bytes(data)
             source = {"folder": root, "out": self.workdir / f"out{self.seed}"}
-        env = self.env(prefix, root, batch_size)
+        env = self.env(prefix, root, batch_size, engine_s, write_behind)
         procs = [processes.spawn(["worker", "--name", f"{prefix}-w{i}"], env, self.workdir / f"{prefix}-w{i}.log")
                  for i in range(workers)]
         try:
@@ -112,7 +125,7 @@ class Bench:
             for p in procs:
                 processes.stop(p)
         n = result["tasks"]
-        result.update(mode=mode, workers=workers, batch_size=batch_size,
+        result.update(mode=mode, workers=workers, batch_size=batch_size, engine_s=engine_s, write_behind=write_behind,
                       **{f"{k}_cpu_ms_per_task": round(1000 * (cpu1[k] - cpu0[k]) / n, 3) for k in cpu0})
         return result
 
@@ -176,6 +189,12 @@ Label Studio's own CPU is not counted (it shares the machine's cores with everyt
 
 def summarize(rows: list[dict]) -> list[dict]:
     for r in rows:
+        if r.get("engine_s"):
+            # the engine alone: every worker busy all the time, batch_size images per engine_s
+            r["engine_tasks_per_s"] = round(r["workers"] * r["batch_size"] / r["engine_s"], 2)
+            r["e2e_over_engine"] = round(r["tasks"] / r["wall_s"] / r["engine_tasks_per_s"], 3)
+            run_s = r["wall_s"] - r["plan_s"]  # without listing and enqueueing (once per run)
+            r["e2e_over_engine_after_planning"] = round(r["tasks"] / run_s / r["engine_tasks_per_s"], 3)
         r["tasks_per_s"] = round(r["tasks"] / r["wall_s"], 1)
         r["wall_ms_per_task"] = round(1000 * r["wall_s"] / r["tasks"], 2)
         # time each worker was busy per task when the engine takes none: the GPU's idle time per task
@@ -183,6 +202,17 @@ def summarize(rows: list[dict]) -> list[dict]:
         r["pipeline_cpu_ms_per_task"] = round(r["worker_cpu_ms_per_task"] + r["planner_cpu_ms_per_task"]
                                               + r["redis_cpu_ms_per_task"], 3)
     return rows
+
+
+def engine_table(rows: list[dict]) -> str:
+    lines = ["| source | batch | engine s/batch | write-behind | workers | tasks | wall s | tasks/s | engine only tasks/s "
+             "| e2e / engine | same, after planning |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['batch_size']} | {r['engine_s']} | {'on' if r['write_behind'] else 'off'} | "
+                     f"{r['workers']} | {r['tasks']} | {r['wall_s']:.2f} | {r['tasks_per_s']:.1f} | "
+                     f"{r['engine_tasks_per_s']:.1f} | {r['e2e_over_engine']:.0%} | "
+                     f"{r['e2e_over_engine_after_planning']:.0%} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -211,7 +241,9 @@ def main() -> int:
     args = parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    engine_seconds = {int(b): float(sec) for b, sec in (x.split(":") for x in args.engine_seconds.split(",") if x)}
+    batch_sizes = list(engine_seconds) or [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    behind = [w.strip() == "on" for w in args.write_behind.split(",") if w.strip()]
     workdir = Path(tempfile.mkdtemp(prefix="egm-bench-pipeline-"))
     bench = Bench(args, workdir)
     rows = []
@@ -220,27 +252,35 @@ def main() -> int:
         for mode in modes:
             for batch_size in batch_sizes:
                 for workers in counts:
-                    best = min((bench.run(mode, workers, batch_size) for _ in range(args.repeats)),
-                               key=lambda r: r["wall_s"])
-                    rows.append(best)
-                    print(f"{mode:13} batch={batch_size:<3} workers={workers}  {best['tasks']} tasks in "
-                          f"{best['wall_s']:.2f} s", flush=True)
+                    for wb in behind:
+                        engine_s = engine_seconds.get(batch_size, 0.0)
+                        best = min((bench.run(mode, workers, batch_size, engine_s, wb) for _ in range(args.repeats)),
+                                   key=lambda r: r["wall_s"])
+                        rows.append(best)
+                        print(f"{mode:13} batch={batch_size:<3} workers={workers} engine={engine_s}s "
+                              f"write-behind={'on' if wb else 'off'}  {best['tasks']} tasks in {best['wall_s']:.2f} s",
+                              flush=True)
     finally:
         bench.stop()
     rows = summarize(rows)
-    meta = {"machine": args.machine, "cpus": os.cpu_count(), "cpu": _cpu_model(), "gpu": "none needed (no-op engine)",
+    simulated = bool(engine_seconds)
+    meta = {"machine": args.machine, "cpus": os.cpu_count(), "cpu": _cpu_model(),
+            "gpu": "none (engine time simulated)" if simulated else "none needed (no-op engine)",
             "python": platform.python_version(), "tasks": args.tasks,
-            "engine": "scripted (no-op)", "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "engine": (f"scripted, sleeping the GPU batch time per call: {args.engine_seconds}" if simulated
+                       else "scripted (no-op)"), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
             "note": "wall = start of a prelabel run (task listing, planning, enqueue) to every prediction written "
                     "(Label Studio) or collected (local); workers already running; Label Studio, Redis, workers "
                     "and the planner share the machine."}
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"pipeline-{args.machine}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    name = f"pipeline-{args.machine}" + ("-engine" if simulated else "")
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tables = (engine_table(rows) + "\n\n" if simulated else "") + table(rows)
     md = (f"# Bulk pipeline benchmark ({args.machine})\n\n"
-          + "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n" + table(rows) + "\n\n" + READING)
-    (out / f"pipeline-{args.machine}.md").write_text(md)
-    print("\n" + table(rows))
+          + "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n" + tables + "\n\n" + READING)
+    (out / f"{name}.md").write_text(md)
+    print("\n" + tables)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

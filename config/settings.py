@@ -208,6 +208,27 @@ class Settings(BaseSettings):
                     "needs EGM_TEMPERATURE > 0 to differ).",
     )
 
+    # --- Worker pipeline (keeping the GPU busy) ----------------------------------
+    prefetch: bool = Field(
+        True, validation_alias=_env("EGM_PREFETCH"),
+        description="Workers load the next waiting job's images while the engine runs the current batch.",
+    )
+    write_behind: bool = Field(
+        True, validation_alias=_env("EGM_WRITE_BEHIND"),
+        description="Bulk jobs file their Label Studio write in a Redis outbox and a background writer does it, "
+                    "so the GPU never waits for Label Studio; a crashed writer's entries are taken over.",
+    )
+    outbox_lease_s: float = Field(
+        30.0, validation_alias=_env("EGM_OUTBOX_LEASE_S"),
+        description="How long a writer holds an outbox entry without renewing it before any worker may take the "
+                    "entry over (renewed every third of it while the write runs).",
+    )
+    outbox_max_pending: int = Field(
+        4, validation_alias=_env("EGM_OUTBOX_MAX_PENDING"), ge=1,
+        description="A worker with this many unwritten bulk results waits before filing another (Label Studio "
+                    "slower than the GPU slows the worker down instead of piling results up).",
+    )
+
     # --- Images --------------------------------------------------------------
     max_image_pixels: int = Field(
         64_000_000, validation_alias=_env("EGM_MAX_IMAGE_PIXELS"),

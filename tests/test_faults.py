@@ -144,6 +144,71 @@ def test_worker_killed_in_the_middle_of_its_label_studio_write(label_studio, red
     assert all(out.counts[t] == 1 for t in tasks)
 
 
+# --------------------------------------------------------------------------- write-behind outbox
+
+
+def test_gpu_work_goes_on_while_label_studio_writes_hang(label_studio, redis_url, ls_proxy, procs):
+    """Writes leave the batch: with every write to Label Studio stuck, the worker still computes
+    all batches (their results wait in the outbox), then writes each prediction once."""
+    prefix = f"wb{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 12)
+    run_id = f"run-{prefix}"
+    jobs = bulk_jobs(project, tasks, run_id, size=4)
+    start_run(queue, run_id, jobs)
+    ls_proxy.set_mode("hold_requests")
+    p = procs(redis_url, prefix, label_studio=label_studio, ls_url=ls_proxy.url)
+    p.worker("w1")
+    wait_until(lambda: p.log_text("w1").count('"batch done"') == 3, 60, "all three batches computed")
+    assert queue_jobs_left(queue) == 0  # RQ is done with them; only the writes wait
+    assert _outbox_size(queue) == 3
+    assert outcome(label_studio, project, tasks).counts.total() == 0
+    ls_proxy.set_mode("open")
+    out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 90, "every task settled")
+    assert not out.duplicated and not out.failed and all(out.counts[t] == 1 for t in tasks)
+    wait_until(lambda: _outbox_size(queue) == 0, 10, "the outbox emptied")  # entries go after the bookkeeping
+
+
+@pytest.mark.parametrize("link", ["hold_responses", "hold_requests"])
+def test_worker_killed_with_results_in_its_outbox(label_studio, redis_url, ls_proxy, procs, link):
+    """The worker computed every batch and died before its writes finished: another worker takes the
+    outbox entries over when their leases run out and writes them, each prediction exactly once,
+    without computing anything again. hold_responses: Label Studio stored the first import, the
+    answer never came back; hold_requests: no import arrived."""
+    prefix = f"wbk{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 12)
+    run_id = f"run-{prefix}"
+    start_run(queue, run_id, bulk_jobs(project, tasks, run_id, size=4))
+    ls_proxy.set_mode(link)
+    p = procs(redis_url, prefix, label_studio=label_studio, ls_url=ls_proxy.url, EGM_OUTBOX_LEASE_S="3")
+    p.worker("w1")
+    wait_until(lambda: p.log_text("w1").count('"batch done"') == 3, 60, "all three batches computed")
+    if link == "hold_responses":
+        wait_until(lambda: outcome(label_studio, project, tasks).counts.total() >= 4, 60,
+                   "the first import stored in Label Studio")
+    else:
+        wait_until(lambda: ls_proxy.accepted >= 1, 60, "the first write on its way")
+    p.kill("w1")  # SIGKILL: one entry leased and mid-write, two waiting
+    ls_proxy.set_mode("open")
+    assert queue_jobs_left(queue) == 0 and _outbox_size(queue) == 3
+    p.worker("w2")
+    out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 90, "every task settled")
+    assert not out.duplicated and not out.failed and all(out.counts[t] == 1 for t in tasks)
+    log = p.log_text("w2")
+    assert log.count("outbox: writing an entry another worker filed") == 3
+    assert '"batch done"' not in log  # nothing computed twice
+    wait_until(lambda: _outbox_size(queue) == 0, 10, "the outbox emptied")
+
+
+def queue_jobs_left(queue) -> int:
+    return sum(d["queued"] + d["started"] for d in queue.depths().values())
+
+
+def _outbox_size(queue) -> int:
+    return int(queue.redis.zcard(queue.key("outbox")))
+
+
 # --------------------------------------------------------------------------- backend restarted
 
 

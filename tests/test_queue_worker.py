@@ -164,3 +164,37 @@ def test_recent_rate_counts_only_the_window(settings):
     stats.count_finished(600, now=now - 5)      # inside the last minute
     stats.count_finished(999, now=now - 3600)   # long ago
     assert 600 / 61 <= stats.recent_rate(60, now=now) <= 600 / 50
+
+
+
+def _run_three_jobs(settings) -> tuple[list, object]:
+    from egm.worker import jobs
+
+    queue = QueueClient(settings)
+    images = sample_images()
+    batch = [batch_job(images[:2]), batch_job([images[2], SAMPLES / "not-there.jpg"]), batch_job(images[1:3])]
+    for job in batch:
+        queue.enqueue(job)
+    assert run_worker(settings, engine=ScriptedEngine(), burst=True)
+    return [queue.result(j.job_id) for j in batch], jobs.runtime()
+
+
+def test_prefetched_images_give_the_same_results_as_loading_in_the_batch(settings, monkeypatch):
+    """Jobs after the first get their images from the look-ahead; nothing in the results depends on it
+    (a missing image fails its task the same way)."""
+    ahead, rt = _run_three_jobs(settings)
+    assert rt.prefetcher is not None and (rt.prefetcher.hits, rt.prefetcher.misses) == (2, 1)
+    monkeypatch.setenv("EGM_PREFETCH", "false")
+    monkeypatch.setenv("EGM_QUEUE_PREFIX", settings.queue_prefix + "-noprefetch")
+    from egm.config.settings import reload_settings
+
+    plain, rt = _run_three_jobs(reload_settings())
+    assert rt.prefetcher is None
+
+    def comparable(result):
+        return [(r.task_id, r.status, r.error_kind, r.width, r.height, [b.grid for b in r.boxes])
+                for r in result.results]
+
+    assert [comparable(r) for r in ahead] == [comparable(r) for r in plain]
+    assert [r.status for r in ahead[1].results] == ["ok", "failed"]
+    assert ahead[1].results[1].error_kind.startswith("image")

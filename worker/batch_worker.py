@@ -46,7 +46,9 @@ from egm.worker.cache import ResultCache
 from egm.worker.delivery import LabelStudioWriter
 from egm.worker.engines import Engine, EngineError, create_engine
 from egm.worker.identity import IdentityError, identify
+from egm.worker.outbox import BackgroundWriter, Outbox
 from egm.worker.pipeline import BatchProcessor
+from egm.worker.prefetch import Prefetcher
 from egm.worker.presence import Presence
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ def make_label_studio_client(settings: Settings):
 
 
 def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker_name: str,
-                  identity: ModelIdentity) -> jobs.Runtime:
+                  identity: ModelIdentity, order: list[Priority] | None = None) -> jobs.Runtime:
     ls_client = make_label_studio_client(settings)
     cache = ResultCache(queue.redis, settings.queue_prefix, settings.cache_ttl_s)
     processor = BatchProcessor(engine, settings, cache=cache, ls_client=ls_client, worker_name=worker_name,
@@ -138,8 +140,16 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
     writer = LabelStudioWriter(ls_client, queue.redis, settings.queue_prefix)
     from egm.worker.progress import record_batch
 
-    return jobs.Runtime(processor=processor, queue=queue, writer=writer,
-                        on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
+    rt = jobs.Runtime(processor=processor, queue=queue, writer=writer,
+                      on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
+    if settings.prefetch:
+        rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order,
+                                   model_version=identity.model_version)
+    if settings.write_behind:
+        outbox = Outbox(queue.redis, settings.queue_prefix, settings.outbox_lease_s)
+        rt.outbox = BackgroundWriter(outbox, lambda entry: jobs.write_entry(entry, rt),
+                                     max_pending=settings.outbox_max_pending)
+    return rt
 
 
 def failure_reason(exc: BaseException, secrets: list[str] | tuple[str, ...] = ()) -> str:
@@ -187,11 +197,28 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         presence.stop()
 
 
+def _stop_helpers(rt: jobs.Runtime | None, settings: Settings) -> None:
+    """Finish this worker's queued writes (they would wait for another worker otherwise), then stop."""
+    if rt is None:
+        return
+    if rt.prefetcher is not None:
+        rt.prefetcher.close()
+    if rt.outbox is not None:
+        if not rt.outbox.drain(settings.ls_outage_wait_s + 30):
+            log.warning("stopping with unwritten results in the outbox; another worker writes them")
+        rt.outbox.stop()
+
+
 def _start_serving(settings: Settings, queue: QueueClient, engine: Engine, identity: ModelIdentity,
-                   presence: Presence, name: str) -> None:
-    jobs.install(build_runtime(settings, engine, queue, name, identity))
+                   presence: Presence, name: str, order: list[Priority]) -> jobs.Runtime:
+    """Install the runtime for this identity (prefetching from its queues) and say the worker is ready."""
+    rt = build_runtime(settings, engine, queue, name, identity, order)
+    jobs.install(rt)
+    if rt.outbox is not None:
+        rt.outbox.start()
     presence.ready(identity)
     log.info("serving model", extra={"worker": name, **identity.summary()})
+    return rt
 
 
 def _new_worker(settings: Settings, queue: QueueClient, name: str, order: list[Priority],
@@ -217,37 +244,42 @@ def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priori
     """RQ's work loop, restarted after Redis outages (and, for a served model, after it changed) until a stop
     is requested."""
     worked = False
-    _start_serving(settings, queue, engine, identity, presence, name)
-    while True:
-        worker = _new_worker(settings, queue, name, order, engine, identity)
-        log.info("worker ready", extra={"worker": name, "queues": [q.name for q in worker.queues],
-                                        "engine": engine.name, "model_version": identity.model_version})
-        try:
-            worked = worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level.upper()) or worked
-            if worker.reidentify and not worker.stop_asked:
-                previous = identity.model_version
-                try:
-                    identity = identify(engine, settings)
-                except Exception as exc:
-                    presence.failed(failure_reason(exc, settings.secret_values()))
-                    raise
-                log.warning("the served model changed; serving the new version", extra={
-                    "worker": name, "previous": previous, "model_version": identity.model_version})
-                _start_serving(settings, queue, engine, identity, presence, name)
-                continue
-            if worker.stop_asked or burst or max_jobs is not None:
+    rt = _start_serving(settings, queue, engine, identity, presence, name, order)
+    try:
+        while True:
+            worker = _new_worker(settings, queue, name, order, engine, identity)
+            log.info("worker ready", extra={"worker": name, "queues": [q.name for q in worker.queues],
+                                            "engine": engine.name, "model_version": identity.model_version})
+            try:
+                worked = worker.work(burst=burst, max_jobs=max_jobs,
+                                     logging_level=settings.log_level.upper()) or worked
+                if worker.reidentify and not worker.stop_asked:
+                    previous = identity.model_version
+                    try:
+                        identity = identify(engine, settings)
+                    except Exception as exc:
+                        presence.failed(failure_reason(exc, settings.secret_values()))
+                        raise
+                    log.warning("the served model changed; serving the new version", extra={
+                        "worker": name, "previous": previous, "model_version": identity.model_version})
+                    _stop_helpers(rt, settings)  # the old version's writes finish under its own name
+                    rt = _start_serving(settings, queue, engine, identity, presence, name, order)
+                    continue
+                if worker.stop_asked or burst or max_jobs is not None:
+                    return worked
+                log.error("worker loop ended unexpectedly; restarting it once Redis answers", extra={"worker": name})
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if worker.stop_asked:
+                    return worked
+                log.error("lost Redis; waiting for it", extra={"worker": name, "error": str(exc)})
+            if not _wait_for_redis(queue.redis):
                 return worked
-            log.error("worker loop ended unexpectedly; restarting it once Redis answers", extra={"worker": name})
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if worker.stop_asked:
-                return worked
-            log.error("lost Redis; waiting for it", extra={"worker": name, "error": str(exc)})
-        if not _wait_for_redis(queue.redis):
-            return worked
-        try:
-            worker.teardown()  # the old loop could not: free the name, stop its pub/sub thread
-        except redis.RedisError:
-            pass
+            try:
+                worker.teardown()  # the old loop could not: free the name, stop its pub/sub thread
+            except redis.RedisError:
+                pass
+    finally:
+        _stop_helpers(rt, settings)
 
 
 def _wait_for_redis(connection: redis.Redis, max_delay_s: float = 10.0) -> bool:

@@ -2,20 +2,28 @@
 
 It runs inside the long-lived worker process, which installs a :class:`Runtime`
 once at start-up (engine loaded, connections open); jobs only reference it.
+
+The GPU should never wait for anything but the engine: a job takes images the prefetcher
+loaded while the previous batch ran (:mod:`egm.worker.prefetch`) and starts loading the next
+job's, and a bulk job hands its Label Studio write to the outbox (:mod:`egm.worker.outbox`)
+instead of waiting for it; the background writer then writes and records the run's progress
+(:func:`write_entry`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from egm.contract import LS_REFUSED, LS_UNAVAILABLE, VERSION_UNSERVED, BatchJob, BatchResult, TaskResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
 from egm.runs import RunStore
 from egm.worker.delivery import LabelStudioWriter
-from egm.worker.pipeline import BatchProcessor
+from egm.worker.outbox import BackgroundWriter, Entry
+from egm.worker.pipeline import BatchProcessor, BatchStats
+from egm.worker.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +35,10 @@ class Runtime:
     writer: LabelStudioWriter
     #: optional hook called with (job, result, stats) after each batch (progress counters, metrics).
     on_batch_done: object | None = None
+    #: loads the next job's images while the engine runs (None: each job loads its own)
+    prefetcher: Prefetcher | None = None
+    #: writes bulk predictions in the background from the Redis outbox (None: the job writes them)
+    outbox: BackgroundWriter | None = None
 
 
 _RUNTIME: Runtime | None = None
@@ -51,22 +63,56 @@ def run_batch(payload: dict) -> dict:
         return {"job_id": job.job_id, "ok": 0, "failed": 0, "written": 0, "cancelled": True}
     if job.model_version != rt.processor.model_version:
         return _refuse_other_version(rt, job)
-    result = rt.processor.process(job)
+    t0 = time.perf_counter()
+    images = rt.prefetcher.take(job) if rt.prefetcher is not None else None
+    prefetched = images is not None
+    if images is None:
+        images = rt.processor.load_images(job)
+    image_wait = time.perf_counter() - t0
+    if rt.prefetcher is not None:
+        rt.prefetcher.look_ahead(job.job_id)  # the next job's images load while the engine runs this one
+    result = rt.processor.process(job, images=images)
     stats = rt.processor.last_stats
+    stats.image_seconds, stats.prefetched = image_wait, prefetched
     rt.queue.store_result(result)
-    written = 0
-    if job.write_to_label_studio:
+    written, queued = 0, False
+    if job.write_to_label_studio and rt.outbox is not None:
+        _check_writable(rt, result)
+        rt.outbox.file(job, result, asdict(stats))  # durable before RQ counts the job done
+        queued = True
+    elif job.write_to_label_studio:
         written = _write(rt, job.project_id, result)
     elif job.deliver_late:
         written = _deliver_late(rt, job, result)
-    if callable(rt.on_batch_done):
+    if callable(rt.on_batch_done) and not queued:  # else the writer records the batch once written
         rt.on_batch_done(job, result, stats)
     ok = sum(r.status == "ok" for r in result.results)
     log.info("batch done", extra={"job_id": job.job_id, "priority": job.priority.value, "tasks": len(job.tasks),
                                   "ok": ok, "failed": len(job.tasks) - ok, "written": written,
-                                  "cached_queries": stats.cached_queries, "engine_queries": stats.engine_queries,
-                                  "gpu_s": round(stats.gpu_seconds, 4)})
-    return {"job_id": job.job_id, "ok": ok, "failed": len(job.tasks) - ok, "written": written}
+                                  "write_queued": queued, "cached_queries": stats.cached_queries,
+                                  "engine_queries": stats.engine_queries, "gpu_s": round(stats.gpu_seconds, 4),
+                                  "image_s": round(stats.image_seconds, 4), "prefetched": prefetched})
+    return {"job_id": job.job_id, "ok": ok, "failed": len(job.tasks) - ok, "written": written,
+            "write_queued": queued}
+
+
+def write_entry(entry: Entry, rt: Runtime | None = None) -> int:
+    """The background writer's work for one outbox entry: the Label Studio write (exactly once
+    per task through the delivery claims), then the run's progress. Returns predictions written."""
+    rt = rt or runtime()
+    job, result = entry.job, entry.result
+    written = _write(rt, job.project_id, result)
+    if callable(rt.on_batch_done):
+        rt.on_batch_done(job, result, BatchStats(**entry.stats))
+    log.info("batch written", extra={"job_id": job.job_id, "written": written, "tasks": len(job.tasks),
+                                     "taken_over": entry.taken_over})
+    return written
+
+
+def _check_writable(rt: Runtime, result: BatchResult) -> None:
+    """Fail the job now, as a synchronous write would, when there is no Label Studio to write to."""
+    if rt.writer.client is None and any(r.status == "ok" and r.task_id is not None for r in result.results):
+        raise RuntimeError("cannot write predictions: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set")
 
 
 def _refuse_other_version(rt: Runtime, job: BatchJob) -> dict:

@@ -55,7 +55,9 @@ class BatchStats:
     engine_queries: int = 0
     parse_failures: int = 0
     gpu_seconds: float = 0.0
+    #: how long the batch waited for its images (near zero when they were prefetched)
     image_seconds: float = 0.0
+    prefetched: bool = False
 
 
 class BatchProcessor:
@@ -73,10 +75,16 @@ class BatchProcessor:
         self.last_stats = BatchStats()
 
     # -- public -------------------------------------------------------------
-    def process(self, job: BatchJob) -> BatchResult:
-        stats = BatchStats(tasks=len(job.tasks))
+    def load_images(self, job: BatchJob) -> list[LoadedImage | ImageLoadError]:
+        """The job's images, one entry per task (never raises; also the prefetcher's loader)."""
+        return fetch_many([t.image for t in job.tasks], settings=self.settings, ls_client=self.ls_client)
+
+    def process(self, job: BatchJob, images: list[LoadedImage | ImageLoadError] | None = None) -> BatchResult:
+        """Run the job; ``images`` are its images loaded ahead (:mod:`egm.worker.prefetch`), if any."""
+        stats = BatchStats(tasks=len(job.tasks), prefetched=images is not None)
         t0 = time.perf_counter()
-        images = fetch_many([t.image for t in job.tasks], settings=self.settings, ls_client=self.ls_client)
+        if images is None:
+            images = self.load_images(job)
         stats.image_seconds = time.perf_counter() - t0
 
         outcomes = self._run_queries(job, images, stats)

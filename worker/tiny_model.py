@@ -344,19 +344,23 @@ def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, ste
     return loss_value
 
 
-def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = False, teach: bool = True) -> Path:
+def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = False, teach: bool = True,
+                          device: str = "cpu") -> Path:
     """Write a loadable checkpoint folder (config, weights, tokenizer, processor) and return it.
 
-    ``full_size=True`` writes the whole EGM-4B architecture (about 9 GB of bf16 weights);
-    benchmarks should call :func:`build_model_and_processor` instead. The tiny model is
-    ``teach``-ed EGM's answer format (:func:`teach_answer`) so demos and tests get boxes.
+    ``full_size=True`` writes the whole EGM-4B architecture (about 9 GB of bf16 weights), for
+    benchmarks whose model runs in another process (the end-to-end GPU benchmark's worker);
+    in-process benchmarks call :func:`build_model_and_processor` instead. ``device="cuda"``
+    draws the random weights on the GPU (seconds, where the CPU takes minutes for 4 B values).
+    The tiny model is ``teach``-ed EGM's answer format (:func:`teach_answer`) so demos and tests
+    get boxes.
     """
     import torch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if full_size else torch.float32
-    model, processor = build_model_and_processor(full_size=full_size, device="cpu", dtype=dtype, seed=seed)
+    model, processor = build_model_and_processor(full_size=full_size, device=device, dtype=dtype, seed=seed)
     taught = teach and not full_size
     if taught:
         teach_answer(model, processor, seed=seed)
