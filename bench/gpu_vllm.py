@@ -24,6 +24,9 @@ def write_dummy_checkpoint(model, processor, folder: Path) -> Path:
     """Config, generation config, tokenizer and processor of ``model``; vLLM's dummy loader makes
     the weights (random, like the fast path's), so 9 GB never touch the disk."""
     folder.mkdir(parents=True, exist_ok=True)
+    # save_pretrained of the model sets this; a config saved alone lacks it, and vLLM then guesses
+    # an embedding model ("--runner auto" -> pooling)
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -48,7 +51,7 @@ def offline_call(folder: Path, max_batch: int, new_tokens: int, min_pixels: int,
         model=str(folder), load_format="dummy", dtype="bfloat16", limit_mm_per_prompt={"image": 1},
         mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels},
         max_model_len=4096, max_num_seqs=max(max_batch, 1), gpu_memory_utilization=gpu_memory_utilization,
-        enable_prefix_caching=False, mm_processor_cache_gb=0, seed=0,
+        enable_prefix_caching=False, mm_processor_cache_gb=0, seed=0, runner="generate",
     )
     startup = time.perf_counter() - t0
     tokenizer = llm.get_tokenizer()

@@ -175,6 +175,7 @@ def test_llm_is_built_from_settings(fake_vllm):
         "tensor_parallel_size": 2,
         "enable_prefix_caching": True,
         "trust_remote_code": False,
+        "runner": "generate",
     }
     assert engine.describe()["max_model_len"] == 4096
 
@@ -363,3 +364,11 @@ def test_completion_without_matching_pieces_drops_logprobs():
                                   logprobs=[{1: Logprob(-0.1, decoded_token="x")}, {2: Logprob(-0.2, decoded_token="y")}])
     out = completion_to_output(completion)
     assert out.text == "abc" and out.tokens is None and out.logprobs is None
+
+
+def test_llm_is_asked_to_generate_whatever_the_config_says() -> None:
+    """Seen on the GPU with vLLM 0.24: a checkpoint whose config has no `architectures` was taken
+    for an embedding model (`--runner auto` -> pooling) and every generate call failed."""
+    from egm.worker.engines.vllm_engine import VLLMOptions, llm_kwargs
+
+    assert llm_kwargs("/m", VLLMOptions(), 1000, 10)["runner"] == "generate"

@@ -50,7 +50,9 @@ from egm.worker.pipeline import BatchProcessor
 
 CONFIG = (Path(__file__).resolve().parents[1] / "config" / "labeling" / "boxes_reasoning.xml").read_text()
 MODEL_VERSION = "egm-export-test-1"
-REASONING = "A person stands on the left and a car is parked on the right."
+#: one multi-category answer about both labels: each label's sample keeps its own sentence
+REASONING = "A person stands on the left. A vehicle is parked on the right."
+ABOUT_PERSON, ABOUT_VEHICLE = "A person stands on the left.", "A vehicle is parked on the right."
 PERSON, CAR = [100, 150, 400, 900], [550, 300, 950, 800]
 TEMPLATE = (REASONING + "\n</think>\n\n```json\n[\n"
             "\t{{\"bbox_2d\": [100, 150, 400, 900], \"label\": \"person\"}},\n"
@@ -212,11 +214,11 @@ def test_export_holds_exactly_the_accepted_corrections(label_studio, settings, t
         assert human["value"].startswith("<image>\n") and human["value"].endswith("JSON format.")
         assert (out / row["image"]).is_file() and not row["image"].startswith("/")
     assert got == {
-        (tasks["t1"], "Person"): (REASONING, [PERSON]),
-        (tasks["t1"], "Vehicle"): (REASONING, [CAR]),
+        (tasks["t1"], "Person"): (ABOUT_PERSON, [PERSON]),
+        (tasks["t1"], "Vehicle"): (ABOUT_VEHICLE, [CAR]),
         (tasks["t2"], "Person"): ("", [[150, 150, 450, 900]]),
         (tasks["t2"], "Animal"): ("", [CAR]),
-        (tasks["t3"], "Person"): (REASONING, [PERSON]),
+        (tasks["t3"], "Person"): (ABOUT_PERSON, [PERSON]),
         (tasks["t3"], "Animal"): ("", [[50, 50, 150, 150]]),
         (tasks["t5"], "Animal"): ("", [[100, 200, 400, 600]]),
     }
@@ -281,7 +283,7 @@ def test_corrected_samples_get_worker_rationales_that_agree_with_the_human(label
     assert answers[(tasks["t2"], "Person")].startswith("The Person is where the hint says, left of the centre.\n"
                                                        "</think>\n\n```json\n[\n\t{\"bbox_2d\": [150, 150, 450, 900]")
     assert answers[(tasks["t2"], "Animal")].startswith("\n</think>")  # the model's box is not the human's
-    assert answers[(tasks["t1"], "Person")].startswith(REASONING)
+    assert answers[(tasks["t1"], "Person")].startswith(ABOUT_PERSON + "\n</think>")
 
 
 # --------------------------------------------------------------------------- live figures from webhooks

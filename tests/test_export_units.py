@@ -12,10 +12,11 @@ from egm.config.settings import Settings
 from egm.export.accepted import SelectionOptions, Status, select_accepted
 from egm.export.coco import CocoImage, coco_document
 from egm.export.corrections import Kind, Tally, match_regions
-from egm.export.grpo import SCHEMA, write_grpo
+from egm.export.grpo import schema, write_grpo
 from egm.export.images import ImageEntry
-from egm.export.regions import Region, parse_result, reasoning_for_label
+from egm.export.regions import Region, parse_result
 from egm.export.report import write_report
+from egm.export import reward as reward_module
 from egm.export.reward import compute_score
 from egm.export.samples import AnnotationView, Sample, build_samples, split_of
 from egm.export.sft import sft_row, write_sft
@@ -63,13 +64,6 @@ def test_rotated_rectangle_becomes_its_upright_hull():
     item["value"]["rotation"] = 90
     (r,) = parse_result([item]).regions
     assert r.grid.to_list() == pytest.approx([400.0, 100.0, 500.0, 300.0])
-
-
-def test_reasoning_for_label_keeps_that_labels_lines():
-    joined = "Person: a man in red\nVehicle: a blue car"
-    assert reasoning_for_label(joined, "Vehicle", ["Person", "Vehicle", "Animal"]) == "a blue car"
-    assert reasoning_for_label(joined, "Animal", ["Person", "Vehicle", "Animal"]) == ""
-    assert reasoning_for_label("one shared text", "Person", ["Person"]) == "one shared text"
 
 
 # --------------------------------------------------------------------------- corrections
@@ -193,6 +187,24 @@ def test_samples_per_label_keep_model_reasoning_only_when_all_accepted():
     assert by_label["Vehicle"].kinds == ["moved"]
 
 
+def test_samples_of_one_multi_category_answer_keep_only_their_labels_sentences():
+    said = "A man stands at the left. The vehicle behind him is red. Nothing else is there."
+    a = Region("a", "Person", Box(100, 100, 300, 300), text=said)
+    b = Region("b", "Vehicle", Box(500, 500, 900, 900), text=said)
+    c = Region("c", "Animal", Box(0, 0, 50, 50), text=said)
+    labels = ["Person", "Vehicle", "Animal", "man"]
+    by_label = {s.label: s for s in build_samples(view([a, b, c], [a, b, c]), labels)}
+    assert by_label["Person"].model_reasoning == ""  # the text never names "Person" ("man" is another label)
+    assert by_label["Vehicle"].model_reasoning == "The vehicle behind him is red. Nothing else is there."
+    assert by_label["Animal"].model_reasoning == "" and by_label["Animal"].needs_rationale
+
+
+def test_an_expression_keeps_its_whole_reasoning():
+    a = Region("a", "Person", Box(100, 100, 300, 300), text="The man in red. He waves at the car.")
+    (s,) = build_samples(view([a], [a], expressions=["the man in red"]), ["Person", "Car"])
+    assert s.model_reasoning == "The man in red. He waves at the car."
+
+
 def test_deleting_a_box_of_the_label_means_corrected():
     a = Region("a", "Person", Box(100, 100, 300, 300), text="two people")
     b = Region("b", "Person", Box(500, 100, 700, 300), text="two people")
@@ -245,36 +257,60 @@ def test_sft_files_per_split(tmp_path):
     assert [json.loads(line)["id"] for line in lines] == [sample().id, sample(idx=2).id]
 
 
-def test_grpo_parquet_schema_loads_and_rewards(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    samples = [sample(split="train"), sample(boxes=((0, 0, 100, 100), (500, 500, 600, 700)), split="train", idx=1),
-               sample(split="val", idx=2)]
-    assert write_grpo(samples, tmp_path, TEMPLATES) == {"train": 2, "val": 1}
+def grpo_samples(root):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (800, 600), (20, 120, 40)).save(root / IMAGE.rel_path, format="JPEG")
+    return [sample(split="train"), sample(boxes=((0, 0, 100, 100), (500, 500, 600, 700)), split="train", idx=1),
+            sample(split="val", idx=2)]
+
+
+@pytest.mark.parametrize("mode", ["bytes", "file"])
+def test_grpo_parquet_schema_loads_and_rewards(tmp_path, mode):
+    import datasets
+
+    samples = grpo_samples(tmp_path)
+    assert write_grpo(samples, tmp_path, TEMPLATES, images=mode) == {"train": 2, "val": 1}
     table = pq.read_table(tmp_path / "grpo" / "train.parquet")
-    assert table.schema.equals(SCHEMA)
+    assert table.schema.equals(schema(mode))
     assert table.column_names == ["data_source", "prompt", "images", "ability", "reward_model", "extra_info"]
     rows = table.to_pylist()
     assert rows[0]["data_source"] == "grounding" and rows[0]["ability"] == "grounding"
     assert rows[0]["prompt"] == [{"role": "user",
                                   "content": "<image>\nLocate Person, output its bbox coordinates using JSON format"}]
-    assert rows[0]["images"] == ["images/abc.jpg"]
+    image_file = (tmp_path / IMAGE.rel_path).resolve()
+    expected = {"bytes": image_file.read_bytes()} if mode == "bytes" else {"image": f"file://{image_file}"}
+    assert rows[0]["images"] == [expected]
     assert rows[0]["reward_model"] == {"style": "rule", "ground_truth": [100, 200, 300, 400]}
-    assert rows[1]["reward_model"]["ground_truth"] == [0, 0, 100, 100, 500, 500, 600, 700]
+    assert rows[1]["data_source"] == "grounding_multi"
+    assert rows[1]["reward_model"] == {"style": "rule_multi_box", "ground_truth": [0, 0, 100, 100, 500, 500, 600, 700]}
     assert rows[1]["extra_info"] == {"split": "train", "index": 1, "id": samples[1].id, "height": 600, "width": 800,
                                      "question": "Person"}
     ds = datasets.load_dataset("parquet", data_files={"train": str(tmp_path / "grpo" / "train.parquet"),
                                                       "val": str(tmp_path / "grpo" / "val.parquet")})
     assert ds["train"].num_rows == 2 and ds["val"].num_rows == 1
-    assert set(ds["train"].features) == {"data_source", "prompt", "images", "ability", "reward_model", "extra_info"}
     for row in ds["train"]:
         gt = row["reward_model"]["ground_truth"]
         boxes = [gt[i:i + 4] for i in range(0, len(gt), 4)]
         own = "ok\n</think>\n\n```json\n" + json.dumps([{"bbox_2d": b} for b in boxes]) + "\n```"
         assert compute_score(row["data_source"], own, gt, row["extra_info"]) == 1.0
         assert compute_score(row["data_source"], "no idea", gt, row["extra_info"]) == 0.0
-    assert (tmp_path / "grpo" / "reward.py").is_file()
-    single = write_grpo(samples, tmp_path / "single", TEMPLATES, single_only=True)
+    assert (tmp_path / "grpo" / "reward.py").read_text() == open(reward_module.__file__).read()
+    only_train = write_grpo([s for s in samples if s.split == "train"], tmp_path, TEMPLATES, images=mode)
+    assert only_train == {"train": 2, "val": 0} and not (tmp_path / "grpo" / "val.parquet").exists()
+    single = write_grpo(samples, tmp_path, TEMPLATES, single_only=True, images=mode)
     assert single == {"train": 1, "val": 1}
+    assert {r["data_source"] for r in pq.read_table(tmp_path / "grpo" / "train.parquet").to_pylist()} == {"grounding"}
+
+
+def test_grpo_refuses_an_unknown_image_mode_and_a_missing_image(tmp_path):
+    samples = grpo_samples(tmp_path)
+    with pytest.raises(ValueError, match="bytes, file"):
+        write_grpo(samples, tmp_path, TEMPLATES, images="path")
+    for mode in ("bytes", "file"):
+        with pytest.raises(FileNotFoundError, match="abc.jpg"):
+            write_grpo(samples, tmp_path / "elsewhere", TEMPLATES, images=mode)
 
 
 def test_coco_boxes_are_pixels_of_the_upright_image():

@@ -9,6 +9,8 @@ from pathlib import Path
 from egm.cli.commands._common import settings_from_flags
 
 FORMAT_CHOICES = ("sft", "grpo", "coco", "all")
+#: egm.export.grpo.GRPO_IMAGE_MODES, default first (not imported here: it pulls in pyarrow at every CLI start)
+GRPO_IMAGES = ("bytes", "file")
 
 
 def register(sub) -> None:
@@ -36,7 +38,10 @@ def register(sub) -> None:
                    help="seconds to wait for worker rationales before leaving the rest answer-only")
     p.add_argument("--grpo-single-only", action="store_true",
                    help="GRPO: only rows with exactly one box (EGM's own setting)")
-    p.add_argument("--grpo-absolute-paths", action="store_true", help="GRPO: absolute image paths")
+    p.add_argument("--grpo-images", choices=GRPO_IMAGES, default=GRPO_IMAGES[0],
+                   help="GRPO: how rows carry their image, as verl reads it: bytes = the encoded file inside "
+                        "the parquet (default; self-contained), file = {'image': 'file:///abs/path'} (small "
+                        "parquet, the export folder must stay where it is)")
     p.add_argument("--label-studio-url", help="LABEL_STUDIO_URL")
     p.set_defaults(func=run)
 
@@ -60,7 +65,7 @@ def run(args) -> int:
         model_versions=versions, require_review=args.require_review,
         val_fraction=args.val_fraction, split_seed=args.split_seed, image_mode=args.images,
         corrected_reasoning=args.corrected_reasoning, rationale_timeout_s=args.rationale_timeout,
-        grpo_single_only=args.grpo_single_only, grpo_absolute_paths=args.grpo_absolute_paths)
+        grpo_single_only=args.grpo_single_only, grpo_images=args.grpo_images)
     try:
         with LabelStudioClient.from_settings(settings) as client:
             result = run_export(client, settings, options)

@@ -30,7 +30,7 @@ from egm.export.accepted import Chosen, ReviewPolicy, Selection, SelectionOption
 from egm.export.coco import CocoImage, write_coco
 from egm.export.corrections import (DEFAULT_ACCEPT_TOLERANCE, DEFAULT_MATCH_IOU, Correction, Kind, Tally,
                                     correction_record, match_regions)
-from egm.export.grpo import write_grpo
+from egm.export.grpo import DEFAULT_GRPO_IMAGES, GrpoImages, write_grpo
 from egm.export.images import ImageCollector, ImageEntry, ImageMode
 from egm.export.rationale import DEFAULT_PROMPT, RationaleClient
 from egm.export.regions import parse_result
@@ -67,7 +67,8 @@ class ExportOptions:
     rationale_timeout_s: float = 600.0
     rationale_prompt: str = DEFAULT_PROMPT
     grpo_single_only: bool = False
-    grpo_absolute_paths: bool = False
+    #: how GRPO rows carry their image: encoded bytes in the parquet, or a file:// path.
+    grpo_images: GrpoImages = DEFAULT_GRPO_IMAGES
     accept_tolerance: float = DEFAULT_ACCEPT_TOLERANCE
     match_iou: float = DEFAULT_MATCH_IOU
 
@@ -112,7 +113,9 @@ def run_export(client, settings: Settings, options: ExportOptions, rationale_cli
         datasets["sft"] = write_sft(state.samples, out_dir, templates)
     if "grpo" in options.formats:
         datasets["grpo"] = write_grpo(state.samples, out_dir, templates, single_only=options.grpo_single_only,
-                                      absolute_paths=options.grpo_absolute_paths)
+                                      images=options.grpo_images)
+        state.warnings += [f"grpo/{split}.parquet not written: no rows (verl cannot read an empty parquet file)"
+                           for split, rows in datasets["grpo"].items() if not rows]
     if "coco" in options.formats:
         datasets["coco"] = write_coco(state.coco, config.target.labels, out_dir)
     _write_jsonl(out_dir / "annotations.jsonl", [asdict(d) | {"status": d.status.value}
@@ -253,6 +256,7 @@ def _report(options: ExportOptions, selection: Selection, state: _State, dataset
                     "model_versions": list(options.model_versions), "require_review": options.require_review,
                     "reviews_required": selection.reviews_required, "val_fraction": options.val_fraction,
                     "corrected_reasoning": options.corrected_reasoning,
+                    "grpo_images": options.grpo_images, "grpo_single_only": options.grpo_single_only,
                     "accept_tolerance": options.accept_tolerance, "match_iou": options.match_iou},
         "annotations": {"total": len(selection.decisions), "by_status": selection.counts(),
                         "measured": state.measured, "without_prediction": state.without_prediction},

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from egm.config.settings import Settings
 from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob
-from egm.export.reward import compute_score
+from egm.export.reward import compute_score, data_source_for
 from egm.export.samples import Sample
 from egm.fleet import Fleet
 from egm.parsing import parse_completion
@@ -127,6 +127,7 @@ def usable_rationale(completion: str, sample: Sample, min_score: float = DEFAULT
     if not reasoning:
         return None
     truth = [v for b in sample.boxes for v in b.to_list()]
-    if compute_score("grounding", parsed.answer or completion, truth) < min_score:
+    size = {"width": sample.image.width, "height": sample.image.height}
+    if compute_score(data_source_for(len(sample.boxes)), parsed.answer or completion, truth, size) < min_score:
         return None
     return reasoning[:MAX_RATIONALE_CHARS].strip()

@@ -139,20 +139,3 @@ def _unique(items: list[str]) -> list[str]:
         if item not in seen:
             seen.append(item)
     return seen
-
-
-def reasoning_for_label(text: str, label: str, labels: list[str] | tuple[str, ...] = ()) -> str:
-    """The part of a reasoning text about ``label``.
-
-    With one query per label the worker joins reasonings as ``"<label>: <reasoning>"`` lines
-    (worker/pipeline.py); keep only that label's lines then ("" when the text is split by
-    label but says nothing about this one). Any other text is returned whole.
-    """
-    lines = text.splitlines()
-    prefix = f"{label}: "
-    mine = [line[len(prefix):].strip() for line in lines if line.startswith(prefix)]
-    if mine:
-        return "\n".join(m for m in mine if m)
-    if any(line.startswith(f"{other}: ") for other in labels for line in lines):
-        return ""
-    return text.strip()

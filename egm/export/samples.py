@@ -13,9 +13,12 @@ Tasks without any final box give no SFT/GRPO sample (EGM's data has no "nothing 
 answers); they still appear in COCO as images without objects.
 
 Reasoning: a sample keeps the model's own reasoning when every one of its boxes was
-accepted unchanged and no predicted box of that label was deleted; otherwise the human
-corrected the model and the sample needs a new rationale (``needs_rationale``): the
-exporter either asks the workers for one or leaves the sample answer-only.
+accepted unchanged and no predicted box of that label was deleted, and then only the part
+about its question (:func:`egm.reasoning.reasoning_for_label`: that label's block or
+sentences; one multi-category text is never copied whole into every label's sample);
+otherwise the human corrected the model and the sample needs a new rationale
+(``needs_rationale``): the exporter either asks the workers for one or leaves the sample
+answer-only.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from dataclasses import dataclass, field
 
 from egm.export.corrections import Correction, Kind
 from egm.export.images import ImageEntry
-from egm.export.regions import Region, reasoning_for_label
+from egm.export.regions import Region
 from egm.geometry import Box
+from egm.reasoning import in_label_blocks, reasoning_for_label
 
 
 @dataclass
@@ -90,18 +94,27 @@ def _sample(view: AnnotationView, query: str, label: str, regions: list[Region],
     deleted_here = [c for c in view.corrections if c.kind is Kind.deleted and c.predicted is not None
                     and c.predicted.label == label]
     kept = bool(mine) and all(c.kind is Kind.accepted for c in mine) and not deleted_here
-    reasoning = _model_reasoning(mine, view.prediction_reasoning, label, labels) if kept else ""
+    reasoning = _model_reasoning(mine, view.prediction_reasoning, label, labels, from_expression) if kept else ""
     return Sample(task_id=view.task_id, annotation_id=view.annotation_id, query=query, label=label,
                   boxes=[r.grid for r in regions], image=view.image, model_version=view.model_version,
                   from_expression=from_expression, model_reasoning=reasoning,
                   needs_rationale=not reasoning, kinds=[c.kind.value for c in mine])
 
 
-def _model_reasoning(corrections: list[Correction], task_text: str, label: str, labels: list[str]) -> str:
+def _model_reasoning(corrections: list[Correction], task_text: str, label: str, labels: list[str],
+                     from_expression: bool) -> str:
+    """The model's reasoning about this sample's question only (egm.reasoning).
+
+    A typed expression was asked on its own, so its reasoning is all about it, unless the box
+    came from a per-label pre-annotation (then that label's block is the one that applies).
+    """
     texts: list[str] = []
     for c in corrections:
         raw = c.predicted.text if c.predicted is not None and c.predicted.text else task_text
-        text = reasoning_for_label(raw, label, labels) if raw else ""
+        if not raw:
+            continue
+        whole = from_expression and not in_label_blocks(raw, labels)
+        text = raw.strip() if whole else reasoning_for_label(raw, label, labels)
         if text and text not in texts:
             texts.append(text)
     return "\n".join(texts)

@@ -73,6 +73,9 @@ def llm_kwargs(model_path: str, options: VLLMOptions, max_pixels: int, min_pixel
         "tensor_parallel_size": options.tensor_parallel_size,
         "enable_prefix_caching": options.enable_prefix_caching,
         "trust_remote_code": False,
+        # vLLM >= 0.10 guesses the runner from config.architectures; a checkpoint saved without it
+        # (config-only folders, some conversions) is taken for an embedding model. EGM generates.
+        "runner": "generate",
     }
 
 
