@@ -22,13 +22,14 @@ from egm.backend.metrics import MetricsCollector
 from egm.backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
                             SetupResponse, WebhookEvent)
 from egm.backend.predictor import BadPredictRequest, Predictor, project_id_of
+from egm.backend.versions import VersionSource
 from egm.backend.webhook import WebhookHandler
 from egm.backend.webhook_auth import ensure_webhook_auth
 from egm.config.settings import Settings, get_settings
+from egm.fleet import FleetError
 from egm.logs import configure_logging, redact
 from egm.prompts import PromptError
 from egm.queue import QueueClient
-from egm.versioning import model_version
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,9 @@ JSON_ERROR = {"description": "error",
 def create_app(settings: Settings | None = None, queue: QueueClient | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
-    version = model_version(settings)
     queue = queue or QueueClient(settings)
-    predictor = Predictor(settings, queue, version)
+    versions = VersionSource(settings, queue)
+    predictor = Predictor(settings, queue, versions)
     webhooks = WebhookHandler(settings, queue.redis)
     metrics = MetricsCollector(settings, queue)
 
@@ -52,12 +53,14 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
     async def lifespan(app: FastAPI):
         # /predict blocks a thread while it waits for workers; allow many concurrent waits.
         anyio.to_thread.current_default_thread_limiter().total_tokens = 256
-        log.info("backend ready", extra={"model_version": version, "redis": redact(settings.redis_url)})
+        health = versions.health()
+        log.info("backend ready", extra={"model_version": health.model_version, "workers": health.workers,
+                                         "detail": health.detail, "redis": redact(settings.redis_url)})
         yield
 
     app = FastAPI(title="egm-assist ML backend", version="0.1.0", lifespan=lifespan,
                   description="Label Studio ML backend that pre-annotates images with EGM through Redis/RQ workers.")
-    app.state.settings, app.state.queue, app.state.model_version = settings, queue, version
+    app.state.settings, app.state.queue, app.state.versions = settings, queue, versions
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -77,6 +80,12 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
         log.error("redis unavailable", extra={"error": type(exc).__name__})
         return JSONResponse({"detail": "queue unavailable (Redis); retry shortly"}, 503)
 
+    @app.exception_handler(FleetError)
+    async def no_worker(request: Request, exc: FleetError):
+        # no live worker (or none serving what was asked): nothing can be planned; say what to start
+        log.warning("no worker can take the request", extra={"path": request.url.path, "reason": str(exc)})
+        return JSONResponse({"detail": str(exc)}, 503)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error", extra={"path": request.url.path})
@@ -89,7 +98,8 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
     @app.get("/", response_model=HealthResponse, include_in_schema=False)
     @app.get("/health", response_model=HealthResponse)
     def health() -> HealthResponse:
-        return HealthResponse(model_version=version)
+        h = versions.health()
+        return HealthResponse(model_version=h.model_version, workers=h.workers, detail=h.detail)
 
     @app.post("/setup", response_model=SetupResponse, responses=ERRORS, dependencies=protected)
     def setup(req: SetupRequest) -> SetupResponse:
@@ -102,7 +112,7 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
             ensure_webhook_auth(settings, project_id_of(req.project))
         except BadPredictRequest as exc:
             return JSONResponse({"detail": str(exc)}, 422)
-        return SetupResponse(model_version=version)
+        return SetupResponse(model_version=versions.for_planning())
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, dependencies=protected)
     def predict(req: PredictRequest) -> PredictResponse:

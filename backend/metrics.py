@@ -12,9 +12,9 @@ from collections import defaultdict
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from rq import Worker
 
 from egm.config.settings import Settings
+from egm.fleet import Fleet
 from egm.queue import QueueClient
 from egm.runs import RunStore
 from egm.stats import StatsStore, parse_field
@@ -45,16 +45,24 @@ class _Collector:
         self.queue = queue
         self.stats = StatsStore(queue.redis, settings.queue_prefix)
         self.runs = RunStore(queue.redis, settings.queue_prefix)
+        self.fleet = Fleet.from_settings(settings, queue.redis)
 
     def collect(self):
-        depth = GaugeMetricFamily("egm_queue_depth", "Jobs per queue and state.", labels=["queue", "state"])
-        for name, states in self.queue.depths().items():
-            for state, n in states.items():
-                depth.add_metric([name, state], n)
+        depth = GaugeMetricFamily("egm_queue_depth", "Jobs per queue (priority and model_version) and state.",
+                                  labels=["queue", "model_version", "state"])
+        for d in self.queue.depths().values():
+            for state in ("queued", "started", "failed"):
+                depth.add_metric([d["priority"], d["model_version"], state], d[state])
         yield depth
-        workers = GaugeMetricFamily("egm_workers", "Registered RQ workers serving the EGM queues.")
-        workers.add_metric([], len({w.name for q in self.queue.queues.values() for w in Worker.all(queue=q)}))
+        live = self.fleet.view().live_versions()
+        workers = GaugeMetricFamily("egm_workers", "Live workers ready to serve (fleet registry).")
+        workers.add_metric([], sum(len(w) for w in live.values()))
         yield workers
+        per_version = GaugeMetricFamily("egm_version_workers", "Live ready workers per model_version.",
+                                        labels=["model_version"])
+        for version, ready in sorted(live.items()):
+            per_version.add_metric([version], len(ready))
+        yield per_version
         yield from self._from_stats()
         yield from self._runs()
 

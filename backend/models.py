@@ -15,7 +15,12 @@ class _Open(BaseModel):
 class HealthResponse(BaseModel):
     status: str = "UP"
     model_class: str = "EGM"
-    model_version: str
+    #: the version of the live workers (egm.fleet); None while no worker serves a model.
+    model_version: str | None = None
+    #: live workers ready to serve.
+    workers: int = 0
+    #: why there is no model_version, when there is none.
+    detail: str | None = None
 
 
 class SetupRequest(_Open):

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from egm.labeling import LabelingConfig, extract_prompt, parse_labeling_config
 from egm.backend.models import PredictRequest, PredictResponse, Prediction
+from egm.backend.versions import VersionSource
 from egm.config.settings import Settings
-from egm.contract import BatchJob, Priority, TaskJob, TaskResult
+from egm.contract import BatchJob, BatchResult, Priority, TaskJob
 from egm.prompts import load_templates
 from egm.queries import TaskDataError, build_queries, image_of, task_job
 from egm.queue import QueueClient
@@ -40,12 +41,13 @@ class PlannedJobs:
 
 
 class Predictor:
-    def __init__(self, settings: Settings, queue: QueueClient, model_version: str) -> None:
+    def __init__(self, settings: Settings, queue: QueueClient, versions: VersionSource) -> None:
         self.settings = settings
         self.queue = queue
-        self.model_version = model_version
+        self.versions = versions
 
     def plan(self, req: PredictRequest) -> PlannedJobs:
+        """Jobs for the live workers' model_version (:class:`egm.fleet.FleetError` when none is live)."""
         if not req.label_config:
             raise BadPredictRequest("label_config is required: connect this backend to a project with an "
                                     "Image + RectangleLabels labeling config")
@@ -73,7 +75,8 @@ class Predictor:
         # A whole-project "retrieve predictions" must not clog the interactive queue.
         priority = Priority.interactive if len(task_jobs) <= self.settings.batch_size else Priority.bulk
         size = self.settings.batch_size
-        jobs = [BatchJob(priority=priority, project_id=project_id, model_version=self.model_version,
+        version = self.versions.for_planning() if task_jobs else ""
+        jobs = [BatchJob(priority=priority, project_id=project_id, model_version=version,
                          target=config.target, tasks=task_jobs[i:i + size], deliver_late=expression is None)
                 for i in range(0, len(task_jobs), size)]
         return PlannedJobs(jobs=jobs, slots=slots, rejected=rejected)
@@ -95,15 +98,15 @@ class Predictor:
                 continue
             job_idx, task_idx = slot
             batch = results.get(plan.jobs[job_idx].job_id)
-            out.append(self._prediction(batch[task_idx]) if batch is not None else [])
+            out.append(self._prediction(batch, task_idx) if batch is not None else [])
         late = [j.job_id for j in plan.jobs if j.job_id not in results]
         log.info("predict answered", extra={"tasks": len(req.tasks), "jobs": len(plan.jobs), "late_jobs": len(late),
                                             "seconds": round(time.time() - started, 3)})
         return PredictResponse(results=out)
 
-    def _collect(self, jobs: list[BatchJob], deadline: float) -> dict[str, list[TaskResult]]:
+    def _collect(self, jobs: list[BatchJob], deadline: float) -> dict[str, BatchResult]:
         """Wait for the jobs until the deadline; hand the rest off to the workers."""
-        results: dict[str, list[TaskResult]] = {}
+        results: dict[str, BatchResult] = {}
         waiting = {j.job_id for j in jobs}
         while waiting:
             finished = self.queue.wait_any(sorted(waiting), deadline)
@@ -112,15 +115,17 @@ class Predictor:
             waiting.discard(finished)
             batch = self.queue.claim_for_response(finished)
             if batch is not None:
-                results[finished] = batch.results
+                results[finished] = batch
         for job_id in waiting:
             batch = self.queue.hand_off(job_id)
             if batch is not None:
-                results[job_id] = batch.results
+                results[job_id] = batch
         return results
 
-    def _prediction(self, r: TaskResult) -> Prediction | list:
+    def _prediction(self, batch: BatchResult, index: int) -> Prediction | list:
+        r = batch.results[index]
         if r.status != "ok":
             log.warning("task failed", extra={"task_id": r.task_id, "error": r.error, "kind": r.error_kind})
             return []
-        return Prediction(result=r.ls_result, score=r.score, model_version=self.model_version)
+        # named by the worker that computed it, never by what was planned
+        return Prediction(result=r.ls_result, score=r.score, model_version=batch.model_version)

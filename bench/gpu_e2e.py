@@ -421,8 +421,8 @@ def goals(rec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from egm import processes
+    from egm.fleet import Fleet
     from egm.runs import RunStore
-    from egm.versioning import model_version
 
     t_start = time.perf_counter()
     try:
@@ -519,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"interactive worker ready in {wait_worker_ready(ilog, iworker, 600):.0f} s", flush=True)
             folder = work / f"run-interactive-{mode}"
             hardlinked_copy(photo_dir, folder, files[:args.interactive_images])
-            client = InteractiveClient(settings, str(files[0]), model_version(settings), args.interactive_every)
+            live = Fleet.from_settings(settings, processes_redis(redis_url)).current_version()  # the workers' own
+            client = InteractiveClient(settings, str(files[0]), live, args.interactive_every)
             res = run_prelabel(env, folder, args.interactive_batch, work / f"out-interactive-{mode}",
                                work / "prelabel.log", store, args.run_timeout, interactive=client)
             batches = worker_batches(log)[seen:]

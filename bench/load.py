@@ -42,7 +42,8 @@ from PIL import Image  # noqa: E402
 
 from egm.config.settings import Settings  # noqa: E402
 from egm import processes  # noqa: E402
-from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob, queue_names  # noqa: E402
+from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob  # noqa: E402
+from egm.fleet import Fleet  # noqa: E402
 from egm.queue import QueueClient  # noqa: E402
 from egm.runs import RunStore  # noqa: E402
 
@@ -55,7 +56,9 @@ PROMPT = ('Locate every instance that belongs to the following categories: "circ
 #: keys that may live without a TTL: fixed per deployment, or registries whose entries expire.
 PERMANENT_KEY_PATTERNS = ("rq:queues", "rq:workers", "rq:queue:", "rq:wip:", "rq:finished:", "rq:failed:",
                           "rq:deferred:", "rq:scheduled:", "rq:canceled:", "rq:workers:", "rq:cron",
-                          ":stats", ":runs", ":late", ":retries", "rq:suspended", "rq:clean_registries:")
+                          ":stats", ":runs", ":late", ":retries", "rq:suspended", "rq:clean_registries:",
+                          # one entry per model_version / live worker, not per job (egm.fleet)
+                          ":fleet:versions:", ":fleet:workers")
 REGISTRIES = ("rq:finished:", "rq:failed:")
 
 
@@ -130,10 +133,10 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def bulk_jobs(images: list[Path], n: int, batch: int, run_id: str) -> list[BatchJob]:
+def bulk_jobs(images: list[Path], n: int, batch: int, run_id: str, model_version: str) -> list[BatchJob]:
     tasks = [TaskJob(task_id=i + 1, image=str(images[i % len(images)]), queries=[Query(text=PROMPT)])
              for i in range(n)]
-    return [BatchJob(priority=Priority.bulk, model_version="load-v1", target=TARGET, tasks=tasks[i:i + batch],
+    return [BatchJob(priority=Priority.bulk, model_version=model_version, target=TARGET, tasks=tasks[i:i + batch],
                      run_id=run_id) for i in range(0, n, batch)]
 
 
@@ -243,12 +246,12 @@ def run_load(spec: LoadSpec, redis_url: str, workdir: Path, log=print) -> LoadRe
         processes.wait_http(url + "/health", 60, procs[0])
         queue = QueueClient(Settings(redis_url=redis_url, queue_prefix=prefix, result_ttl_s=spec.result_ttl_s,
                                      batch_size=spec.batch_size))
-        _wait_workers(conn, queue, spec.workers)
+        version = _wait_workers(conn, queue, spec.workers)
 
         run_id = f"{prefix}-run"
-        jobs = bulk_jobs(images, spec.tasks, spec.batch_size, run_id)
+        jobs = bulk_jobs(images, spec.tasks, spec.batch_size, run_id, version)
         store = RunStore(conn, prefix)
-        store.create(run_id, total=spec.tasks, model_version="load-v1", source="bench/load.py")
+        store.create(run_id, total=spec.tasks, model_version=version, source="bench/load.py")
         clients = InteractiveClients(url, images, spec.interactive_clients, spec.interactive_pause_s,
                                      spec.predict_budget_s + 30)
         _warm_up(url, images[0])  # first-call costs (imports, templates) are not load
@@ -301,16 +304,11 @@ def run_load(spec: LoadSpec, redis_url: str, workdir: Path, log=print) -> LoadRe
     return report
 
 
-def _wait_workers(conn: redis.Redis, queue: QueueClient, n: int, timeout_s: float = 60) -> None:
-    from rq import Worker
-
-    ours = set(queue_names(queue.prefix))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if sum(bool(set(w.queue_names()) & ours) for w in Worker.all(connection=conn)) >= n:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{n} workers did not register within {timeout_s:.0f} s")
+def _wait_workers(conn: redis.Redis, queue: QueueClient, n: int, timeout_s: float = 60) -> str:
+    """Wait until ``n`` workers are ready (fleet registry); the model_version they serve."""
+    fleet = Fleet(conn, queue.prefix)
+    view = fleet.wait_for_ready(timeout_s, poll_s=0.2, accept=lambda v: len(v.ready) >= n)
+    return view.current_version()
 
 
 def _warm_up(url: str, image: Path) -> None:

@@ -37,8 +37,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rq import Worker  # noqa: E402
-
 from egm import processes  # noqa: E402
 from tests.bulk_support import image_bytes  # noqa: E402
 from tests.stack import BOXES_CONFIG  # noqa: E402
@@ -119,9 +117,9 @@ class Bench:
         procs = [processes.spawn(["worker", "--name", f"{prefix}-w{i}"], env, self.workdir / f"{prefix}-w{i}.log")
                  for i in range(workers)]
         try:
-            self._wait_for_workers(env, workers)
+            version = self._wait_for_workers(env, workers)
             cpu0 = self._cpu(procs)
-            result = self._time_run(mode, source, env)
+            result = self._time_run(mode, source, env, version)
             cpu1 = self._cpu(procs)
         finally:
             for p in procs:
@@ -144,19 +142,16 @@ class Bench:
         return {"worker": worker_s, "planner": time.process_time(),
                 "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
 
-    def _wait_for_workers(self, env: dict, n: int) -> None:
+    def _wait_for_workers(self, env: dict, n: int) -> str:
+        """Wait until ``n`` workers are ready (fleet registry); the model_version they serve."""
         from redis import Redis
 
-        conn = Redis.from_url(self.redis_url)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            names = [w.name for w in Worker.all(connection=conn) if w.name.startswith(env["EGM_QUEUE_PREFIX"])]
-            if len(names) >= n:
-                return
-            time.sleep(0.1)
-        raise RuntimeError("workers did not start")
+        from egm.fleet import Fleet
 
-    def _time_run(self, mode: str, source: dict, env: dict) -> dict:
+        fleet = Fleet(Redis.from_url(self.redis_url), env["EGM_QUEUE_PREFIX"])
+        return fleet.wait_for_ready(60, poll_s=0.1, accept=lambda v: len(v.ready) >= n).current_version()
+
+    def _time_run(self, mode: str, source: dict, env: dict, version: str) -> dict:
         """Plan and follow the run in this process (as `prelabel` does), timing it without interpreter start-up."""
         from egm.config.settings import reload_settings
         from egm.bulk.runner import BulkRun, label_studio_spec, local_spec, local_target
@@ -166,12 +161,12 @@ class Bench:
         started = time.perf_counter()
         if mode == "label_studio":
             client = self.ls.client()
-            spec = label_studio_spec(settings, client, source["project"], "bench-v1")
+            spec = label_studio_spec(settings, client, source["project"], version)
         else:
             client = None
             spec = local_spec(settings, source=source["folder"], source_kind="folder", files_root=source["folder"],
                               out_dir=source["out"], target=local_target(["circle", "square"]),
-                              model_version="bench-v1")
+                              model_version=version)
         run = BulkRun(settings, spec, client=client, poll_s=0.05)
         plan = run.start()
         planned = time.perf_counter()

@@ -57,6 +57,21 @@ class Settings(BaseSettings):
         7 * 24 * 3600, validation_alias=_env("EGM_FAILURE_TTL_S"),
         description="How long failed jobs stay in RQ's failed registry (RQ's default is a year).",
     )
+    version_wait_s: float = Field(
+        600.0, validation_alias=_env("EGM_VERSION_WAIT_S"),
+        description="How long a job planned for a model_version waits for a live worker serving it (counted from "
+                    "when such a worker was last seen, or from enqueueing); then a live worker of another version "
+                    "fails it with error_kind version and a reason naming both versions.",
+    )
+    worker_wait_s: float = Field(
+        120.0, validation_alias=_env("EGM_WORKER_WAIT_S"),
+        description="How long a command that needs workers (prelabel, demo, export rationales) waits while it "
+                    "sees no live worker at all before it gives up with a message.",
+    )
+    worker_start_timeout_s: float = Field(
+        900.0, validation_alias=_env("EGM_WORKER_START_TIMEOUT_S"),
+        description="How long such a command waits for workers that are alive but still loading their model.",
+    )
     cache_ttl_s: int = Field(
         30 * 24 * 3600, validation_alias=_env("EGM_CACHE_TTL_S"),
         description="Lifetime of the content-addressed result cache entries (0 disables the cache).",
@@ -235,6 +250,12 @@ class Settings(BaseSettings):
     local_files_root: str | None = Field(
         None, validation_alias=_env("EGM_LOCAL_FILES_ROOT", "LOCAL_FILES_DOCUMENT_ROOT"),
         description="Root folder for local paths and /data/local-files/?d=... URLs read from disk.",
+    )
+
+    state_dir: str = Field(
+        "~/.cache/egm-assist", validation_alias=_env("EGM_STATE_DIR"),
+        description="Folder for worker state: checkpoint fingerprint caches when the checkpoint folder is "
+                    "read-only.",
     )
 
     # --- Logging -------------------------------------------------------------

@@ -7,6 +7,10 @@ never image bytes, so Redis stays small and a job can be retried anywhere.
 One RQ job is one *batch* of tasks: the worker hands the whole batch to the
 engine in one call. Interactive requests are batches of the tasks of one
 ``/predict`` call and go to their own queue, which every worker polls first.
+
+Queues are per ``model_version`` (``<prefix>-interactive@<version>``): a job carries the
+version it was planned for and only a worker serving that version ever takes it, so no
+answer is computed, cached or written under the name of another model (egm.identity).
 """
 
 from __future__ import annotations
@@ -27,13 +31,20 @@ class Priority(str, Enum):
     bulk = "bulk"
 
 
-def queue_name(prefix: str, priority: Priority) -> str:
-    return f"{prefix}-{priority.value}"
+VERSION_SEPARATOR = "@"
 
 
-def queue_names(prefix: str) -> list[str]:
-    """Queues in the order workers serve them: interactive always first."""
-    return [queue_name(prefix, Priority.interactive), queue_name(prefix, Priority.bulk)]
+def queue_name(prefix: str, priority: Priority, model_version: str) -> str:
+    return f"{prefix}-{priority.value}{VERSION_SEPARATOR}{model_version}"
+
+
+def parse_queue_name(prefix: str, name: str) -> tuple[Priority, str] | None:
+    """``(priority, model_version)`` of one of this prefix's queues, else None."""
+    for priority in Priority:
+        head = f"{prefix}-{priority.value}{VERSION_SEPARATOR}"
+        if name.startswith(head) and len(name) > len(head):
+            return priority, name[len(head):]
+    return None
 
 
 def redis_key(prefix: str, *parts: str | int) -> str:
@@ -50,6 +61,8 @@ def written_key(prefix: str, model_version: str, task_id: int) -> str:
 #: it was unreachable past the worker's patience (worth retrying later) or refused the write.
 LS_UNAVAILABLE = "label_studio:unavailable"
 LS_REFUSED = "label_studio:refused"
+#: ``TaskResult.error_kind`` of tasks whose job no worker of its model_version took in time.
+VERSION_UNSERVED = "version"
 
 
 class LabelTarget(BaseModel):
@@ -146,6 +159,8 @@ class TaskResult(BaseModel):
 
 class BatchResult(BaseModel):
     job_id: str
+    #: the identity of the worker that computed the results (for a job failed because no worker of
+    #: its version came: the version it was planned for, with nothing computed).
     model_version: str
     worker: str | None = None
     results: list[TaskResult]

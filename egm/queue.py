@@ -32,7 +32,7 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from egm.config.settings import Settings
-from egm.contract import BATCH_FUNC, BatchJob, BatchResult, Priority, queue_name, redis_key
+from egm.contract import BATCH_FUNC, BatchJob, BatchResult, Priority, parse_queue_name, queue_name, redis_key
 
 HANDOFF_TTL_S = 24 * 3600
 BLOCK_SLICE_S = 2.0
@@ -62,14 +62,33 @@ class QueueClient:
         self.settings = settings
         self.prefix = settings.queue_prefix
         self.redis = connection or connect(settings)
-        self.queues = {
-            p: Queue(queue_name(self.prefix, p), connection=self.redis, serializer=JSONSerializer)
-            for p in Priority
-        }
+        self.serializer = JSONSerializer
+        self._queues: dict[str, Queue] = {}
         self._defer = self.redis.register_script(_DEFER_LUA)
 
     def key(self, *parts: str) -> str:
         return redis_key(self.prefix, *parts)
+
+    # -- queues: one pair per model_version (egm.contract) ----------------------------------
+    def queue(self, priority: Priority, model_version: str) -> Queue:
+        name = queue_name(self.prefix, priority, model_version)
+        if name not in self._queues:
+            self._queues[name] = Queue(name, connection=self.redis, serializer=JSONSerializer)
+        return self._queues[name]
+
+    def worker_queues(self, model_version: str, priorities: list[Priority] | None = None) -> list[Queue]:
+        """What a worker serving ``model_version`` listens to, highest priority first."""
+        return [self.queue(p, model_version) for p in (priorities or [Priority.interactive, Priority.bulk])]
+
+    def all_queues(self) -> list[tuple[Priority, str, Queue]]:
+        """Every version queue of this prefix RQ knows (housekeeping and status cover them all)."""
+        out = []
+        for raw in self.redis.smembers(Queue.redis_queues_keys):
+            name = raw.decode().removeprefix(Queue.redis_queue_namespace_prefix)
+            parsed = parse_queue_name(self.prefix, name)
+            if parsed is not None:
+                out.append((parsed[0], parsed[1], self.queue(*parsed)))
+        return sorted(out, key=lambda t: (t[1], t[0] != Priority.interactive))
 
     # -- producer -----------------------------------------------------------------
     def _job_kwargs(self, job: BatchJob) -> dict:
@@ -79,21 +98,24 @@ class QueueClient:
                     description=f"egm batch {job.job_id} ({len(job.tasks)} tasks, {job.priority.value})")
 
     def enqueue(self, job: BatchJob) -> Job:
-        queue = self.queues[job.priority]
+        """Into the queue of the job's priority and model_version: only workers serving it take it."""
+        queue = self.queue(job.priority, job.model_version)
         return queue.enqueue_call(BATCH_FUNC, args=(job.model_dump(mode="json"),), **self._job_kwargs(job))
 
     def enqueue_many(self, jobs: list[BatchJob]) -> list[Job]:
         """One round trip per queue for many jobs."""
         out: list[Job] = []
-        for priority in Priority:
-            batch = [j for j in jobs if j.priority == priority]
-            if not batch:
-                continue
-            queue = self.queues[priority]
+        groups: dict[tuple[Priority, str], list[BatchJob]] = {}
+        for job in jobs:
+            groups.setdefault((job.priority, job.model_version), []).append(job)
+        for (priority, version), batch in groups.items():
             datas = [Queue.prepare_data(BATCH_FUNC, args=(j.model_dump(mode="json"),), **self._job_kwargs(j))
                      for j in batch]
-            out.extend(queue.enqueue_many(datas))
+            out.extend(self.queue(priority, version).enqueue_many(datas))
         return out
+
+    def fetch_job(self, job_id: str) -> Job:
+        return Job.fetch(job_id, connection=self.redis, serializer=self.serializer)
 
     def expect_response(self, job_ids: list[str], deadline: float) -> None:
         """Before enqueueing: the requester claims these results until ``deadline``, the worker after it.
@@ -206,17 +228,17 @@ class QueueClient:
         return int(self.redis.zcard(self.key("late")))
 
     # -- introspection -------------------------------------------------------------------------
-    def depths(self) -> dict[str, dict[str, int]]:
+    def depths(self) -> dict[str, dict]:
+        """Per queue (``<priority>@<model_version>``): jobs queued, running and failed."""
         out = {}
-        for p, q in self.queues.items():
-            out[p.value] = {
-                "queued": q.count,
-                "started": StartedJobRegistry(queue=q).count,
-                "failed": FailedJobRegistry(queue=q).count,
+        for priority, version, q in self.all_queues():
+            out[f"{priority.value}@{version}"] = {
+                "priority": priority.value, "model_version": version, "queued": q.count,
+                "started": StartedJobRegistry(queue=q).count, "failed": FailedJobRegistry(queue=q).count,
             }
         return out
 
     def recover_abandoned(self) -> None:
-        """Re-queue jobs whose worker died (RQ retries them if they have retries left)."""
-        for q in self.queues.values():
+        """Re-queue jobs whose worker died (RQ retries them if they have retries left), in every version's queues."""
+        for _, _, q in self.all_queues():
             StartedJobRegistry(queue=q).cleanup()

@@ -16,7 +16,7 @@ import math
 
 from PIL import Image
 
-from egm.worker.engines.base import Engine, EngineOutput, EngineRequest
+from egm.worker.engines.base import Engine, EngineOutput, EngineRequest, ServedModel
 
 CONFORMANCE_SIZES = ((96, 64), (40, 120), (150, 150))
 BROKEN_INDEX = 2
@@ -70,4 +70,7 @@ def check_engine_conformance(engine: Engine, *, deterministic: bool = False) -> 
         assert alone[0].text == outputs[-1].text, "outputs are not in request order"
     description = engine.describe()
     assert isinstance(description, dict) and description.get("engine")
+    # what it serves, for the worker's identity: a readable name and what runs it
+    served = engine.served_model()
+    assert isinstance(served, ServedModel) and served.name and served.runtime.get("library")
     return outputs

@@ -26,9 +26,18 @@ from tests.stack import BOXES_CONFIG, SAMPLES, TARGET, sample_images
 
 T = TypeVar("T")
 
-MODEL_VERSION = "faults-v1"
 PROMPT = ('Locate every instance that belongs to the following categories: "circle, square". '
           'Report bbox coordinates in JSON format.')
+
+
+def scripted_version() -> str:
+    """The model_version of the scripted workers these tests start (default settings but for the engine)."""
+    from egm.config.settings import Settings
+    from egm.worker.engines import create_engine
+    from egm.worker.identity import identify
+
+    settings = Settings(EGM_ENGINE="scripted")
+    return identify(create_engine(settings), settings).model_version
 
 
 def wait_until(check: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.25) -> T:
@@ -90,6 +99,15 @@ class Procs:
         processes.wait_http(self.backend_url + "/health", 60, proc)
         return proc
 
+    def wait_ready(self, n: int = 1, timeout_s: float = 60) -> str:
+        """Until ``n`` workers are ready (fleet registry); the version they serve."""
+        import redis
+
+        from egm.fleet import Fleet
+
+        fleet = Fleet(redis.Redis.from_url(self.env["REDIS_URL"]), self.env["EGM_QUEUE_PREFIX"])
+        return fleet.wait_for_ready(timeout_s, poll_s=0.1, accept=lambda v: len(v.ready) >= n).current_version()
+
     def kill(self, name: str, sig: int = 9) -> None:
         processes.stop(self.procs.pop(name), sig=sig)
 
@@ -106,6 +124,7 @@ class Procs:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def model_version(self) -> str:
+        """What the backend reports: the live workers' version."""
         return httpx.get(self.backend_url + "/health", timeout=10).json()["model_version"]
 
     def predict(self, body: dict, timeout_s: float = 60, **kw) -> httpx.Response:
@@ -132,18 +151,19 @@ def predict_body(project_id: int, tasks: dict[int, str], config: str = BOXES_CON
 
 
 def bulk_jobs(project_id: int | None, tasks: dict[int, str], run_id: str | None, size: int = 4,
-              model_version: str = MODEL_VERSION, write: bool = True) -> list[BatchJob]:
+              model_version: str | None = None, write: bool = True) -> list[BatchJob]:
     items = list(tasks.items())
+    model_version = model_version or scripted_version()
     return [BatchJob(priority=Priority.bulk, project_id=project_id, model_version=model_version, target=TARGET,
                      tasks=[TaskJob(task_id=t, image=img, queries=[Query(text=PROMPT)]) for t, img in chunk],
                      write_to_label_studio=write, run_id=run_id)
             for chunk in (items[i:i + size] for i in range(0, len(items), size))]
 
 
-def start_run(queue, run_id: str, jobs: list[BatchJob], model_version: str = MODEL_VERSION) -> None:
+def start_run(queue, run_id: str, jobs: list[BatchJob]) -> None:
     total = sum(len(j.tasks) for j in jobs)
     store = RunStore(queue.redis, queue.prefix)
-    store.create(run_id, total=total, model_version=model_version, source="fault test")
+    store.create(run_id, total=total, model_version=jobs[0].model_version, source="fault test")
     store.add_enqueued(run_id, total)
     queue.enqueue_many(jobs)
 
@@ -151,8 +171,9 @@ def start_run(queue, run_id: str, jobs: list[BatchJob], model_version: str = MOD
 # --------------------------------------------------------------------------- checks
 
 
-def prediction_counts(label_studio, project_id: int, model_version: str = MODEL_VERSION) -> Counter:
+def prediction_counts(label_studio, project_id: int, model_version: str | None = None) -> Counter:
     preds = label_studio.list_predictions(project_id)
+    model_version = model_version or scripted_version()
     return Counter(p["task"] for p in preds if p.get("model_version") == model_version)
 
 
@@ -169,7 +190,7 @@ class Outcome:
 
 
 def outcome(label_studio, project_id: int, task_ids, queue=None, run_id: str | None = None,
-            model_version: str = MODEL_VERSION) -> Outcome:
+            model_version: str | None = None) -> Outcome:
     counts = prediction_counts(label_studio, project_id, model_version)
     failed: dict[int, str] = {}
     if queue is not None and run_id:

@@ -29,7 +29,10 @@ DATA_URL_PREFIX = "data:image/jpeg;base64,"
 
 @dataclass
 class ServerBehavior:
+    #: the served model id; chat requests naming another model get 404, as vLLM answers them
     model: str = "egm-test"
+    #: ``root`` of the model in /v1/models (vLLM: the checkpoint path or hub id behind the served name)
+    root: str | None = None
     #: when set, requests must carry ``Authorization: Bearer <api_key>`` (else 401 echoing the header)
     api_key: str | None = None
     #: the first N chat calls answer ``fail_status`` (500, 429, ...)
@@ -145,7 +148,10 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.stats.model_calls += 1
         if self._authorized():
-            self._send_json(200, {"object": "list", "data": [{"id": self.server.behavior.model, "object": "model"}]})
+            entry = {"id": self.server.behavior.model, "object": "model", "owned_by": "egm-test-server"}
+            if self.server.behavior.root:
+                entry["root"] = self.server.behavior.root
+            self._send_json(200, {"object": "list", "data": [entry]})
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
@@ -200,6 +206,10 @@ class _Handler(BaseHTTPRequestHandler):
             with self.server.lock:
                 self.server.stats.invalid.append(str(exc))
             self._send_json(400, {"error": {"message": f"invalid request: {exc}"}})
+            return
+        if body.get("model") != behavior.model:
+            self._send_json(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                            "type": "NotFoundError", "code": 404}})
             return
         for needle, status in behavior.fail_prompts.items():
             if needle in prompt:

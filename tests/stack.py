@@ -24,13 +24,24 @@ def sample_images() -> list[Path]:
     return sorted(SAMPLES.glob("*.jpg"))
 
 
+def version_of(engine=None, settings: Settings | None = None) -> str:
+    """The model_version a worker running ``engine`` (default: a plain scripted engine) with ``settings``
+    (default: the current ones) serves: what jobs for it must be planned with."""
+    from egm.config.settings import get_settings
+    from egm.worker.engines.scripted import ScriptedEngine
+    from egm.worker.identity import identify
+
+    return identify(engine or ScriptedEngine(), settings or get_settings()).model_version
+
+
 def batch_job(images: list[Path], priority: Priority = Priority.bulk, **kw) -> BatchJob:
+    """A job for the default scripted worker (``model_version=`` plans it for another)."""
     tasks = [TaskJob(task_id=i + 1, image=str(p), queries=[Query(text='Locate every instance that belongs to '
                                                                'the following categories: "circle, square". '
                                                                'Report bbox coordinates in JSON format.')])
              for i, p in enumerate(images)]
-    return BatchJob(priority=priority, model_version=kw.pop("model_version", "test-v1"), target=TARGET,
-                    tasks=tasks, **kw)
+    version = kw.pop("model_version", None) or version_of()
+    return BatchJob(priority=priority, model_version=version, target=TARGET, tasks=tasks, **kw)
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -43,4 +54,18 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 def spawn_worker(settings: Settings, log_path: Path, *args: str, **extra: str):
     return processes.spawn(["worker", *args], worker_env(settings, **extra), log_path)
+
+
+def wait_ready(settings: Settings, timeout_s: float = 60, proc=None) -> str:
+    """Block until a worker of this Redis and prefix is ready (fleet registry); its model_version.
+    ``proc``: a worker process whose death ends the wait at once."""
+    from egm.fleet import Fleet, FleetError
+    from egm.queue import connect
+
+    def check(view):
+        if proc is not None and proc.poll() is not None:
+            raise FleetError(f"the worker exited with code {proc.returncode}: {view.no_worker_message()}")
+
+    fleet = Fleet.from_settings(settings, connect(settings))
+    return fleet.wait_for_ready(timeout_s, poll_s=0.1, check=check).current_version()
 

@@ -47,12 +47,27 @@ def _operation_labels() -> list[str]:
 OPERATIONS = _operation_labels()
 
 
+def _a_live_worker(settings: Settings) -> None:
+    """A ready worker's record in the fleet registry (no process behind it), so /setup and /predict have a
+    model_version to plan for; the jobs stay queued and /predict hands them off."""
+    import redis
+
+    from egm.fleet import Fleet, WorkerRecord, WorkerState
+    from egm.identity import prompt_setup
+
+    fleet = Fleet(redis.Redis.from_url(settings.redis_url), settings.queue_prefix, heartbeat_s=3600)
+    fleet.publish(WorkerRecord(worker="fuzz-worker", state=WorkerState.ready, engine="scripted",
+                               model_version="scripted-fuzz000000", prompts=prompt_setup(settings)))
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["open", "basic-auth"])
 def api(request, redis_server):
     """The schema of an app on the session's Redis; with basic auth, schemathesis is given the credentials
     (its auth checks then also send requests without them and with wrong ones, expecting 401)."""
     auth = request.param
-    app = create_app(_app_settings(redis_server.url, f"fuzz{int(auth)}-{os.getpid()}", auth))
+    settings = _app_settings(redis_server.url, f"fuzz{int(auth)}-{os.getpid()}", auth)
+    _a_live_worker(settings)
+    app = create_app(settings)
     config = SchemathesisConfig.from_dict(
         {"auth": {"basic": {"username": AUTH[0], "password": AUTH[1]}}} if auth else {})
     return schemathesis.openapi.from_asgi("/openapi.json", app, config=config)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from egm.backend.app import create_app
 from egm import processes
-from tests.stack import BOXES_CONFIG, SAMPLES, sample_images, spawn_worker
+from tests.stack import BOXES_CONFIG, SAMPLES, sample_images, spawn_worker, version_of, wait_ready
 
 AUTH = ("labelstudio", "s3cret-pass-9")
 
@@ -36,6 +36,7 @@ def client(settings):
 @pytest.fixture()
 def worker(settings, tmp_path):
     proc = spawn_worker(settings, tmp_path / "worker.log")
+    wait_ready(settings, 60, proc)
     yield proc
     processes.stop(proc)
 
@@ -44,26 +45,61 @@ def _tasks(n=None):
     return [{"id": i + 1, "data": {"image": str(p)}} for i, p in enumerate(sample_images()[:n])]
 
 
-def test_health_and_setup_report_the_same_model_version(client):
+def test_health_and_setup_report_the_live_workers_model_version(client, worker, settings):
     health = client.get("/health").json()
-    assert health["status"] == "UP"
+    assert health["status"] == "UP" and health["workers"] == 1
+    # the version the worker computed from what it serves, not one the backend made up
+    assert health["model_version"] == version_of(settings=settings) and health["model_version"].startswith("scripted-")
     setup = client.post("/setup", json={"project": "1.1700000000", "schema": BOXES_CONFIG})
     assert setup.status_code == 200 and setup.json()["model_version"] == health["model_version"]
 
 
+def test_without_a_worker_setup_and_predict_say_so_and_health_stays_up(client):
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "UP"
+    assert health.json()["model_version"] is None and health.json()["workers"] == 0
+    assert "egm-assist worker" in health.json()["detail"]
+    setup = client.post("/setup", json={"project": "1.1700000000", "schema": BOXES_CONFIG})
+    assert setup.status_code == 503
+    assert setup.json()["detail"].startswith("no worker is serving a model: start one with `egm-assist worker`")
+    resp = client.post("/predict", json={"tasks": _tasks(1), "project": "3.1", "label_config": BOXES_CONFIG})
+    assert resp.status_code == 503 and "egm-assist worker" in resp.json()["detail"]
+    assert not list(client.app.state.queue.redis.scan_iter("rq:job:*"))  # nothing was queued for nobody
+
+
 def test_model_version_changes_with_prompt_or_decoding(settings, monkeypatch, tmp_path):
     from egm.config.settings import reload_settings
-    from egm.versioning import model_version
+    from egm.worker.engines import create_engine
 
-    base = model_version(settings)
+    def version() -> str:
+        s = reload_settings()
+        return version_of(create_engine(s, "scripted"), s)
+
+    base = version()
     monkeypatch.setenv("EGM_MAX_NEW_TOKENS", "77")
-    assert model_version(reload_settings()) != base
+    assert version() != base
     monkeypatch.delenv("EGM_MAX_NEW_TOKENS")
     (tmp_path / "referring.txt").write_text("Find {expression} and give its bbox as JSON")
     monkeypatch.setenv("EGM_PROMPT_DIR", str(tmp_path))
-    assert model_version(reload_settings()) != base
+    assert version() != base
     monkeypatch.delenv("EGM_PROMPT_DIR")
-    assert model_version(reload_settings()) == base
+    monkeypatch.setenv("EGM_UNCERTAINTY", "samples")
+    monkeypatch.setenv("EGM_UNCERTAINTY_SAMPLES", "3")
+    assert version() != base
+    monkeypatch.delenv("EGM_UNCERTAINTY")
+    monkeypatch.delenv("EGM_UNCERTAINTY_SAMPLES")
+    assert version() == base
+
+
+def test_a_backend_with_other_prompts_than_the_workers_refuses_to_plan(settings, worker, monkeypatch, tmp_path):
+    from egm.config.settings import reload_settings
+
+    (tmp_path / "multi.txt").write_text("Find all {categories} and give their boxes as JSON")
+    monkeypatch.setenv("EGM_PROMPT_DIR", str(tmp_path))
+    with TestClient(create_app(reload_settings())) as c:
+        resp = c.post("/predict", json={"tasks": _tasks(1), "project": "3.1", "label_config": BOXES_CONFIG})
+    assert resp.status_code == 503
+    assert "other prompts" in resp.json()["detail"] and "EGM_PROMPT_DIR" in resp.json()["detail"]
 
 
 def test_predict_returns_one_result_per_task_in_order(client, worker):
@@ -95,21 +131,29 @@ def test_interactive_prompt_returns_boxes(client, worker):
 
 
 def test_late_results_are_handed_to_the_worker(settings, monkeypatch, tmp_path):
+    import time
+
     monkeypatch.setenv("EGM_PREDICT_BUDGET_S", "0.2")
     from egm.config.settings import reload_settings
 
     s = reload_settings()
-    with TestClient(create_app(s)) as c:
-        resp = c.post("/predict", json={"tasks": _tasks(2), "project": "3.1", "label_config": BOXES_CONFIG})
-        assert resp.json()["results"] == [[], []]  # nothing yet: no duplicate prediction later
-        queue = c.app.state.queue
-        handoffs = list(queue.redis.scan_iter(queue.key("handoff", "*")))
-        assert len(handoffs) == 1
-        proc = spawn_worker(s, tmp_path / "w.log", "--burst")
-        assert proc.wait(60) == 0
-        job_id = handoffs[0].decode().rsplit(":", 1)[-1]
-        assert queue.redis.get(queue.key("deliver", job_id)) == b"worker"
-        assert [r.status for r in queue.result(job_id).results] == ["ok", "ok"]
+    proc = spawn_worker(s, tmp_path / "w.log", EGM_SCRIPTED_DELAY_S="2")  # slower than the budget
+    try:
+        wait_ready(s, 60, proc)
+        with TestClient(create_app(s)) as c:
+            resp = c.post("/predict", json={"tasks": _tasks(2), "project": "3.1", "label_config": BOXES_CONFIG})
+            assert resp.json()["results"] == [[], []]  # nothing yet: no duplicate prediction later
+            queue = c.app.state.queue
+            handoffs = list(queue.redis.scan_iter(queue.key("handoff", "*")))
+            assert len(handoffs) == 1
+            job_id = handoffs[0].decode().rsplit(":", 1)[-1]
+            deadline = time.monotonic() + 60
+            while queue.result(job_id) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert queue.redis.get(queue.key("deliver", job_id)) == b"worker"
+            assert [r.status for r in queue.result(job_id).results] == ["ok", "ok"]
+    finally:
+        processes.stop(proc)
 
 
 @pytest.mark.parametrize("body,needle", [
@@ -179,7 +223,7 @@ def test_every_route_but_health_requires_basic_auth(auth_client, method, path, b
 def test_right_credentials_and_open_health(auth_client):
     assert auth_client.get("/health").status_code == 200
     ok = auth_client.post("/setup", json={"project": "1.1"}, headers=_headers(*AUTH))
-    assert ok.status_code == 200
+    assert ok.status_code == 503 and "no worker" in ok.json()["detail"]  # past the auth: no worker runs here
     assert auth_client.post("/webhook", json={"action": "PROJECT_UPDATED"}, headers=_headers(*AUTH)).status_code == 201
 
 
@@ -193,9 +237,18 @@ def test_metrics_are_prometheus_text_and_move_when_jobs_run(client, worker):
                     return s.value
         return 0.0
 
+    import time
+
     before = client.get("/metrics").text
     assert client.post("/predict", json={"tasks": _tasks(2), "label_config": BOXES_CONFIG}).status_code == 200
-    after = client.get("/metrics").text
+    # the worker stores the result (which answers /predict) before it counts the batch: give it that moment
+    deadline = time.monotonic() + 30
+    while True:
+        after = client.get("/metrics").text
+        if sample(after, "egm_tasks_total", status="ok") > sample(before, "egm_tasks_total", status="ok") \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert sample(after, "egm_tasks_total", status="ok") == sample(before, "egm_tasks_total", status="ok") + 2
     assert sample(after, "egm_jobs_total") >= 1
     assert sample(after, "egm_end_to_end_seconds_count") >= 1

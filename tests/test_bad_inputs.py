@@ -17,7 +17,7 @@ from egm import processes
 from egm.contract import BatchResult
 from tests import images_factory as f
 from tests.image_server import ImageServer, Route
-from tests.stack import BOXES_CONFIG, sample_images, spawn_worker
+from tests.stack import BOXES_CONFIG, sample_images, spawn_worker, wait_ready
 
 #: name -> (bytes, expected error kind or None when the file must load, words in the reason)
 HOSTILE = {
@@ -78,8 +78,14 @@ def image_server():
 
 
 def _worker(settings, tmp_path, media, **extra):
-    return spawn_worker(settings, tmp_path / "worker.log", EGM_LOCAL_FILES_ROOT=str(media),
+    proc = spawn_worker(settings, tmp_path / "worker.log", EGM_LOCAL_FILES_ROOT=str(media),
                         EGM_MAX_IMAGE_PIXELS=str(settings.max_image_pixels), **extra)
+    try:
+        wait_ready(settings, 60, proc)  # /predict plans for the version the live worker serves
+    except BaseException:
+        processes.stop(proc)
+        raise
+    return proc
 
 
 def _predict(client, images: list[str]) -> list:

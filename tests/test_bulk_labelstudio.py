@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from rq.job import Job
 from rq.registry import StartedJobRegistry
 
 from egm import processes
@@ -20,7 +19,7 @@ from egm.queue import QueueClient
 from egm.runs import RunStore
 from egm.stats import StatsStore
 from tests.bulk_support import CORRUPT_JPEG, image_bytes, run_cli
-from tests.stack import BOXES_CONFIG, TARGET, spawn_worker, worker_env
+from tests.stack import BOXES_CONFIG, TARGET, spawn_worker, version_of, worker_env
 
 pytestmark = pytest.mark.labelstudio
 BATCH = "8"
@@ -128,9 +127,8 @@ def test_bulk_run_predicts_every_task_once_keeps_failures_and_reruns_compute_not
 
 def _running_job_of(queue: QueueClient, worker_name: str) -> str | None:
     """The bulk job ``worker_name`` is executing right now, if any (from RQ's started registry)."""
-    serializer = queue.queues[Priority.bulk].serializer
-    for job_id in StartedJobRegistry(queue=queue.queues[Priority.bulk]).get_job_ids():
-        job = Job.fetch(job_id, connection=queue.redis, serializer=serializer)
+    for job_id in StartedJobRegistry(queue=queue.queue(Priority.bulk, version_of())).get_job_ids():
+        job = queue.fetch_job(job_id)
         if job.worker_name == worker_name and job.get_status() == "started":
             return job_id
     return None
@@ -150,7 +148,7 @@ def test_killed_worker_and_interrupted_cli_still_predict_every_task_exactly_once
         wait_until(lambda: (runs.progress(run_id).done >= 16), what="some predictions")
 
         # an interactive request is served while the bulk run still has most of its batches queued
-        interactive = BatchJob(priority=Priority.interactive, model_version="interactive-v1", target=TARGET,
+        interactive = BatchJob(priority=Priority.interactive, model_version=version_of(), target=TARGET,
                                deliver_late=False, tasks=[TaskJob(ref="typed", image=urls["i000.png"], queries=[
                                    Query(text="Locate the circle, output its bbox coordinates using JSON format")])])
         queue.enqueue(interactive)
@@ -160,8 +158,7 @@ def test_killed_worker_and_interrupted_cli_still_predict_every_task_exactly_once
 
         abandoned = wait_until(lambda: _running_job_of(queue, "a"), what="worker a to be inside a batch")
         workers.kill("a")  # SIGKILL in the middle of a batch
-        assert Job.fetch(abandoned, connection=queue.redis,
-                         serializer=queue.queues[Priority.bulk].serializer).get_status() == "started"
+        assert queue.fetch_job(abandoned).get_status() == "started"
         processes.stop(cli, sig=signal.SIGINT)  # Ctrl-C on the CLI
         assert cli.returncode == 130
         workers.start("c")  # a replacement worker
@@ -172,8 +169,7 @@ def test_killed_worker_and_interrupted_cli_still_predict_every_task_exactly_once
         workers.stop()
     assert summary["progress"]["done"] == 160 and summary["failed"] == []
     # the killed worker's batch itself was taken up again (after its heartbeat expired) by another worker
-    assert Job.fetch(abandoned, connection=queue.redis,
-                     serializer=queue.queues[Priority.bulk].serializer).get_status() == "finished"
+    assert queue.fetch_job(abandoned).get_status() == "finished"
     preds = predictions_by_task(label_studio, pid)
     assert set(preds) == set(ids)
     assert all(len(p) == 1 and p[0]["model_version"] == summary["progress"]["model_version"] for p in preds.values())

@@ -21,7 +21,7 @@ from egm.geometry import Box, grid_to_pixels
 from egm.queue import QueueClient
 from egm.runs import RunProgress, RunStore
 from tests.bulk_support import CORRUPT_JPEG, run_cli, write_images
-from tests.stack import SAMPLES, batch_job
+from tests.stack import SAMPLES, batch_job, version_of
 from egm.worker.batch_worker import run_worker
 from egm.worker.engines.scripted import ScriptedEngine
 
@@ -47,8 +47,13 @@ def settings(egm_env, monkeypatch, data):
 
 def make_run(settings, source: Path, out: Path, kind: str = "folder") -> BulkRun:
     spec = local_spec(settings, source=source, source_kind=kind, files_root=Path(settings.local_files_root),
-                      out_dir=out, target=local_target(["circle", "square"]), model_version="test-v1")
+                      out_dir=out, target=local_target(["circle", "square"]),
+                      model_version=version_of(settings=settings))
     return BulkRun(settings, spec, poll_s=0.02)
+
+
+def bulk_depth(queue) -> int:
+    return queue.queue(Priority.bulk, version_of()).count
 
 
 def work(settings, engine: ScriptedEngine, **kw) -> None:
@@ -69,7 +74,7 @@ def test_folder_run_writes_label_studio_import_and_coco_in_upright_pixels(settin
     assert sorted(t["data"]["image"] for t in tasks) == sorted(f"data/{p.name}" for p in SAMPLES.glob("*.jpg"))
     for t in tasks:
         (pred,) = t["predictions"]
-        assert pred["model_version"] == "test-v1"
+        assert pred["model_version"] == version_of(settings=settings) == run.spec.model_version
         rect = next(r for r in pred["result"] if r["type"] == "rectanglelabels")
         assert rect["from_name"] == "label" and rect["value"]["rectanglelabels"] == ["circle"]
 
@@ -95,7 +100,7 @@ def test_resume_never_double_enqueues_and_rerun_computes_nothing(settings, data,
     # an interrupted CLI resumed before any worker ran: everything is in flight, nothing new
     again = make_run(settings, data, tmp_path / "out").start()
     assert again.enqueued_tasks == 0 and again.in_flight == 40
-    assert queue.queues[Priority.bulk].count == 10
+    assert bulk_depth(queue) == 10
     engine = ScriptedEngine()
     work(settings, engine)
     outcome = run.finish(run.follow(timeout_s=30))
@@ -173,15 +178,15 @@ def test_cancel_drops_queued_batches_and_workers_skip_the_rest(settings, data, t
     queue = QueueClient(settings)
     run = make_run(settings, data, tmp_path / "out")
     run.start()
-    assert queue.queues[Priority.bulk].count == 3
+    assert bulk_depth(queue) == 3
     # a batch already taken by a worker when the run is cancelled is skipped by that worker
     runs = RunStore(queue.redis, queue.prefix)
     runs.set_state(run.run_id, "cancelled")
     engine = ScriptedEngine()
     work(settings, engine, max_jobs=1)
-    assert engine.calls == 0 and queue.queues[Priority.bulk].count == 2
+    assert engine.calls == 0 and bulk_depth(queue) == 2
     report = cancel_run(queue, run.run_id)
-    assert report["jobs_cancelled"] == 2 and queue.queues[Priority.bulk].count == 0
+    assert report["jobs_cancelled"] == 2 and bulk_depth(queue) == 0
     assert runs.progress(run.run_id).state == "cancelled" and runs.progress(run.run_id).done == 0
     assert run.follow(timeout_s=5).state == "cancelled"
     # resuming picks up everything that was cancelled
@@ -209,7 +214,7 @@ def test_interactive_request_completes_while_a_bulk_run_is_queued(settings, data
     queue.enqueue(interactive)  # enqueued after the whole bulk run ...
     work(settings, ScriptedEngine(), max_jobs=1)
     assert queue.result(interactive.job_id).results[0].status == "ok"  # ... served first
-    assert queue.queues[Priority.bulk].count == 10
+    assert bulk_depth(queue) == 10
 
 
 def test_status_reads_a_running_run_from_another_process_view(settings, data, tmp_path):
@@ -220,7 +225,7 @@ def test_status_reads_a_running_run_from_another_process_view(settings, data, tm
     work(settings, ScriptedEngine(), max_jobs=1)  # half the run
     code, status = run_cli("status", run.run_id, "--json")
     assert code == 0 and status["progress"]["total"] == 7 and status["progress"]["resolved"] == 4
-    assert status["queues"]["bulk"]["queued"] == 1
+    assert status["queues"][f"bulk@{version_of()}"]["queued"] == 1
     work(settings, ScriptedEngine())
     code, status = run_cli("status", run.run_id, "--json")
     assert status["progress"]["done"] == 6 and status["failed_total"] == 1

@@ -318,8 +318,7 @@ def test_named_volumes_are_declared_and_state_is_persisted(compose):
     assert mounts["label-studio"]["/label-studio/data"] in declared
     assert mounts["worker"]["/models"] in declared, "model cache must be a volume, not part of the image"
     backend_models = [str(v) for v in compose["services"]["backend"]["volumes"] if ":/models" in str(v)]
-    assert backend_models == [f"{mounts['worker']['/models']}:/models:ro"], \
-        "the backend fingerprints MODEL_DIR for model_version: it needs a read-only view of the same volume"
+    assert backend_models == [], "the workers own model_version (egm.fleet); the backend must not compute one"
 
 
 def test_redis_persists_with_appendonly_and_has_a_healthcheck(compose):

@@ -40,13 +40,19 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, workers: int = 1) -> "Stack":
+    def start(self, workers: int = 1, ready_timeout_s: float = 120) -> "Stack":
+        """Backend and workers up, and the workers ready: Label Studio's /setup on connect needs a live version."""
         backend = processes.spawn(["serve"], self.env, self.tmp / "backend.log")
         self.procs.append(backend)
         for i in range(workers):
             self.procs.append(processes.spawn(["worker", "--name", f"w{i}-{self.port}"], self.env,
                                               self.tmp / f"worker{i}.log"))
         processes.wait_http(self.url + "/health", 60, backend)
+        deadline = time.monotonic() + ready_timeout_s
+        while httpx.get(self.url + "/health").json()["workers"] < workers:
+            assert time.monotonic() < deadline, f"workers not ready: {httpx.get(self.url + '/health').json()}"
+            assert all(p.poll() is None for p in self.procs), "a worker or the backend exited; see its log"
+            time.sleep(0.2)
         return self
 
     def stop(self) -> None:

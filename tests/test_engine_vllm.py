@@ -320,6 +320,17 @@ def test_empty_batch(fake_vllm):
     assert fake_vllm.instances[0].calls == []
 
 
+def test_served_model_is_the_folder_vllm_loaded_and_its_runtime(fake_vllm, tmp_path):
+    folder = tmp_path / "EGM-4B-w12"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    fake_vllm.__version__ = "0.99.1"
+    engine = VLLMEngine(str(folder), DecodingConfig(), max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
+    served = engine.served_model()
+    assert (served.name, served.checkpoint) == ("EGM-4B-w12", str(folder.resolve()))
+    assert served.runtime["library"] == "vllm" and served.runtime["version"] == "0.99.1"
+
+
 def test_close_releases_the_model(fake_vllm):
     engine = make_engine()
     engine.close()

@@ -195,8 +195,13 @@ def test_worker_killed_with_results_in_its_outbox(label_studio, redis_url, ls_pr
     p.worker("w2")
     out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 90, "every task settled")
     assert not out.duplicated and not out.failed and all(out.counts[t] == 1 for t in tasks)
+    # the entry w1 held is taken over once its lease runs out, which may be after the tasks settled (its
+    # import may have reached Label Studio before w1 died): wait for that takeover, then count
+    wait_until(lambda: p.log_text("w2").count("outbox: writing an entry another worker filed") >= 3, 30,
+               "the leased entry taken over")
     log = p.log_text("w2")
     assert log.count("outbox: writing an entry another worker filed") == 3
+    assert not outcome(label_studio, project, tasks).duplicated  # that takeover wrote nothing twice
     assert '"batch done"' not in log  # nothing computed twice
     wait_until(lambda: _outbox_size(queue) == 0, 10, "the outbox emptied")
 
@@ -223,6 +228,7 @@ def test_backend_killed_while_predict_calls_wait(label_studio, redis_url, procs)
     p = procs(redis_url, prefix, label_studio=label_studio, EGM_PREDICT_BUDGET_S="8", EGM_SCRIPTED_DELAY_S="1.5")
     p.worker("w1")
     p.backend()
+    p.wait_ready()
     items = list(tasks.items())
     calls = [dict(items[i:i + 2]) for i in range(0, 6, 2)]
     outcomes: list[str] = []
@@ -269,6 +275,7 @@ def test_live_backend_answers_and_the_worker_stays_out(label_studio, redis_url, 
     p = procs(redis_url, prefix, label_studio=label_studio, EGM_PREDICT_BUDGET_S="20")
     p.backend()
     p.worker("w1")
+    p.wait_ready()
     resp = p.predict(predict_body(project, tasks))
     assert resp.status_code == 200
     assert all(r and r["result"] for r in resp.json()["results"])

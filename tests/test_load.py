@@ -18,6 +18,7 @@ from egm.config.settings import Settings
 from egm.contract import Priority
 from egm.queue import QueueClient
 from tests.fault_stack import wait_until
+from tests.stack import version_of
 
 RESULT_TTL_S = 5  # short, so the test can watch results expire
 #: per-job keys that must be gone once RESULT_TTL_S has passed
@@ -96,7 +97,7 @@ def test_failed_jobs_expire_too(egm_env):
 
     s = Settings(**{**egm_env.model_dump(), "failure_ttl_s": 3, "job_retries": 0})
     queue = QueueClient(s)
-    bulk = queue.queues[Priority.bulk]
+    bulk = queue.queue(Priority.bulk, version_of(ScriptedEngine(), s))
     job = bulk.enqueue_call("egm.worker.jobs.run_batch", args=({"not": "a batch job"},), failure_ttl=s.failure_ttl_s,
                             result_ttl=s.result_ttl_s)
     run_worker(s, engine=ScriptedEngine(), burst=True)

@@ -9,7 +9,7 @@ import pytest
 
 from egm.contract import Priority
 from egm.queue import QueueClient
-from tests.stack import SAMPLES, batch_job, sample_images
+from tests.stack import SAMPLES, batch_job, sample_images, version_of
 from egm.worker.batch_worker import run_worker
 from egm.worker.engines.scripted import ScriptedEngine
 
@@ -83,19 +83,21 @@ def test_broken_image_fails_only_its_task(settings, tmp_path):
 
 def test_engine_error_for_one_request_fails_only_that_task(settings):
     queue = QueueClient(settings)
-    job = batch_job(sample_images()[:2])
+    engine = ScriptedEngine(fail_on="POISON")
+    job = batch_job(sample_images()[:2], model_version=version_of(engine))
     job.tasks[1].queries[0].text = "Locate POISON, output its bbox coordinates using JSON format"
     queue.enqueue(job)
-    run_worker(settings, engine=ScriptedEngine(fail_on="POISON"), burst=True)
+    run_worker(settings, engine=engine, burst=True)
     r = queue.result(job.job_id).results
     assert [x.status for x in r] == ["ok", "failed"] and r[1].error_kind == "engine"
 
 
 def test_unparseable_output_is_a_clear_task_failure(settings):
     queue = QueueClient(settings)
-    job = batch_job(sample_images()[:1])
+    engine = ScriptedEngine(template="I refuse to answer.")
+    job = batch_job(sample_images()[:1], model_version=version_of(engine))
     queue.enqueue(job)
-    run_worker(settings, engine=ScriptedEngine(template="I refuse to answer."), burst=True)
+    run_worker(settings, engine=engine, burst=True)
     r = queue.result(job.job_id).results[0]
     assert r.status == "failed" and r.error_kind == "parse" and r.completions == ["I refuse to answer."]
 
@@ -145,7 +147,10 @@ def test_status_shows_queues_workers_and_throughput(settings):
     out = subprocess.run([sys.executable, "-m", "egm.cli", "status"], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "bulk: 1 queued, 0 running" in out.stdout
+    version = version_of()
+    assert f"bulk@{version}: 1 queued, 0 running" in out.stdout
+    # the worker has left: its version is listed with the job that waits for it
+    assert version in out.stdout.split("queues:")[0] and "no live worker" in out.stdout and "1 job(s) queued" in out.stdout
     assert f"tasks:   ok {len(sample_images())}, failed 0" in out.stdout
     rate = float(out.stdout.split("throughput ")[1].split()[0])
     assert rate > 0

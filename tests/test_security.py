@@ -28,7 +28,7 @@ from tests import images_factory as f
 from tests.fault_stack import Procs, wait_until
 from tests.image_server import ImageServer, Route
 from tests.secrets_scan import assert_no_secrets, find_secrets
-from tests.stack import BOXES_CONFIG, SAMPLES, batch_job, sample_images, spawn_worker
+from tests.stack import BOXES_CONFIG, SAMPLES, batch_job, sample_images, spawn_worker, wait_ready
 
 OPEN_ROUTES = {"/", "/health"}
 USER = "ls-backend"
@@ -126,6 +126,7 @@ def _run_through_worker(settings, tmp_path, images: list[str], **worker_env) -> 
     images = [str(sample_images()[0]), *images]
     proc = spawn_worker(settings, tmp_path / "worker.log", **worker_env)
     try:
+        wait_ready(settings, 60, proc)
         with TestClient(create_app(settings)) as client:
             tasks = [{"id": i + 1, "data": {"image": img}} for i, img in enumerate(images)]
             resp = client.post("/predict", json={"tasks": tasks, "label_config": BOXES_CONFIG})
@@ -303,6 +304,7 @@ def test_no_secret_in_any_log_line(tmp_path, redis_with_password, ls_status):
                          EGM_ALLOWED_HOSTS="*")
         p.backend()
         p.worker("w1")
+        p.wait_ready()
         auth = (USER, basic_pw)
         images = [str(sample_images()[0]),  # ok; its late result is written to the hostile "Label Studio"
                   f"{echo.url}/data/upload/1/a.png?token={url_token}",  # Label Studio media: downloaded with the key

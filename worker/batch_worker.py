@@ -10,6 +10,13 @@ RQ's work loop quits when Redis goes away mid-job (restart, failover, network).
 :func:`run_worker` keeps the process (and the loaded model) alive instead: it
 waits until Redis answers again and starts a fresh work loop; the interrupted
 batch is re-queued by RQ once its heartbeat has expired.
+
+Identity (egm.identity): the worker publishes ``starting`` in the fleet registry before
+it loads the model, computes its identity from what loaded, then serves only the queues
+of that ``model_version``. A served model (``openai`` engine) may change behind its URL:
+the worker asks the server between jobs and, when the model changed, re-identifies and
+moves to the new version's queues before it takes another job. Between jobs it also fails
+jobs of versions no live worker serves (egm.unserved).
 """
 
 from __future__ import annotations
@@ -22,20 +29,27 @@ import uuid
 
 import redis
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
 from egm.config.settings import Settings
 from egm.contract import Priority
+from egm.fleet import Fleet
+from egm.identity import ModelIdentity
+from egm.logs import redact
 from egm.queue import QueueClient
+from egm.unserved import fail_unserved
 from egm.worker import jobs
 from egm.worker.cache import ResultCache
 from egm.worker.delivery import LabelStudioWriter
-from egm.worker.engines import Engine, create_engine
+from egm.worker.engines import Engine, EngineError, create_engine
+from egm.worker.identity import IdentityError, identify
 from egm.worker.outbox import BackgroundWriter, Outbox
 from egm.worker.pipeline import BatchProcessor
 from egm.worker.prefetch import Prefetcher
+from egm.worker.presence import Presence
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +58,12 @@ class BatchWorker(SimpleWorker):
     heartbeat_s: int = 5
     #: set by SIGTERM/SIGINT (RQ's own stop flag misses a stop requested while idle).
     stop_asked: bool = False
+    #: returns True when the engine now serves another model than this loop's version.
+    identity_changed = None
+    #: set when the loop stopped because the served model changed.
+    reidentify: bool = False
+    #: called between jobs: fails overdue jobs of versions no live worker serves (egm.unserved).
+    sweep = None
 
     def handle_warm_shutdown_request(self) -> None:
         self.stop_asked = True
@@ -52,7 +72,21 @@ class BatchWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job) -> int:
         return self.heartbeat_s * 3 + 10
 
+    def _served_model_changed(self) -> bool:
+        if self.identity_changed is None:
+            return False
+        try:
+            return bool(self.identity_changed())
+        except Exception as exc:  # noqa: BLE001 - server unreachable: its requests will fail and say so
+            log.warning("could not ask the engine what it serves", extra={"error": str(exc)})
+            return False
+
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if self._served_model_changed():
+            # dequeued for the old version: back to its queue, for a worker that still serves it
+            queue.push_job_id(job.id, at_front=True)
+            self.reidentify = True
+            raise StopRequested()
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(job, stop), name="egm-heartbeat", daemon=True)
         beat.start()
@@ -69,6 +103,14 @@ class BatchWorker(SimpleWorker):
             jobs.deliver_due()
         except Exception:  # Redis or Label Studio hiccup: the entries wait for the next round
             log.warning("late delivery sweep failed", exc_info=True)
+        if self.sweep is not None:
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.warning("sweep of unserved versions failed", exc_info=True)
+        if self._served_model_changed():
+            self.reidentify = True
+            raise StopRequested()
 
     def _beat(self, job: Job, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s):
@@ -90,17 +132,19 @@ def make_label_studio_client(settings: Settings):
 
 
 def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker_name: str,
-                  order: list[Priority] | None = None) -> jobs.Runtime:
+                  identity: ModelIdentity, order: list[Priority] | None = None) -> jobs.Runtime:
     ls_client = make_label_studio_client(settings)
     cache = ResultCache(queue.redis, settings.queue_prefix, settings.cache_ttl_s)
-    processor = BatchProcessor(engine, settings, cache=cache, ls_client=ls_client, worker_name=worker_name)
+    processor = BatchProcessor(engine, settings, cache=cache, ls_client=ls_client, worker_name=worker_name,
+                               model_version=identity.model_version)
     writer = LabelStudioWriter(ls_client, queue.redis, settings.queue_prefix)
     from egm.worker.progress import record_batch
 
     rt = jobs.Runtime(processor=processor, queue=queue, writer=writer,
                       on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
     if settings.prefetch:
-        rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order)
+        rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order,
+                                   model_version=identity.model_version)
     if settings.write_behind:
         outbox = Outbox(queue.redis, settings.queue_prefix, settings.outbox_lease_s)
         rt.outbox = BackgroundWriter(outbox, lambda entry: jobs.write_entry(entry, rt),
@@ -108,30 +152,55 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
     return rt
 
 
+def failure_reason(exc: BaseException, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """One line a user can act on (no secrets: it is published in Redis): our own errors say it all,
+    others need their type."""
+    if isinstance(exc, (EngineError, IdentityError, OSError)) and str(exc):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return redact(" ".join(text.split()), secrets)
+
+
 def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool = False,
                name: str | None = None, max_jobs: int | None = None,
                priorities: list[Priority] | None = None) -> bool:
-    """Load the engine once, then serve the queues (interactive first) until stopped."""
+    """Load the engine once, then serve its model_version's queues (interactive first) until stopped."""
     queue = QueueClient(settings)
     worker_name = name or f"egm-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    if engine is None:
-        log.info("loading engine", extra={"engine": settings.engine, "model": settings.model_path})
-        engine = create_engine(settings)
-    order = priorities or [Priority.interactive, Priority.bulk]
-    rt = build_runtime(settings, engine, queue, worker_name, order)
-    jobs.install(rt)
-    if rt.outbox is not None:
-        rt.outbox.start()
-    BatchWorker.heartbeat_s = settings.heartbeat_s
+    fleet = Fleet.from_settings(settings, queue.redis)
+    presence = Presence(fleet, worker_name, engine.name if engine is not None else settings.engine).start()
     try:
-        return _serve(settings, queue, worker_name, order, engine.name, burst=burst, max_jobs=max_jobs)
+        try:
+            if engine is None:
+                asked = {"hf": settings.model_path, "vllm": settings.model_path,
+                         "openai": settings.openai_model or settings.openai_base_url}.get(settings.engine)
+                # what was asked for; what loaded is logged as "serving model" with the identity
+                log.info("loading engine", extra={"engine": settings.engine, **({"asked_for": asked} if asked else {})})
+                engine = create_engine(settings)
+            identity = identify(engine, settings)
+        except Exception as exc:
+            reason = failure_reason(exc, settings.secret_values())
+            presence.failed(reason)
+            log.error("worker failed to start", extra={"worker": worker_name, "reason": reason}, exc_info=True)
+            if engine is not None:
+                engine.close()
+            raise
+        order = priorities or [Priority.interactive, Priority.bulk]
+        BatchWorker.heartbeat_s = settings.heartbeat_s
+        try:
+            return _serve(settings, queue, worker_name, order, engine, identity, presence, burst=burst,
+                          max_jobs=max_jobs)
+        finally:
+            engine.close()
     finally:
-        _stop_helpers(rt, settings)
-        engine.close()
+        presence.stop()
 
 
-def _stop_helpers(rt: jobs.Runtime, settings: Settings) -> None:
+def _stop_helpers(rt: jobs.Runtime | None, settings: Settings) -> None:
     """Finish this worker's queued writes (they would wait for another worker otherwise), then stop."""
+    if rt is None:
+        return
     if rt.prefetcher is not None:
         rt.prefetcher.close()
     if rt.outbox is not None:
@@ -140,41 +209,77 @@ def _stop_helpers(rt: jobs.Runtime, settings: Settings) -> None:
         rt.outbox.stop()
 
 
-def _new_worker(settings: Settings, queue: QueueClient, name: str, order: list[Priority]) -> BatchWorker:
+def _start_serving(settings: Settings, queue: QueueClient, engine: Engine, identity: ModelIdentity,
+                   presence: Presence, name: str, order: list[Priority]) -> jobs.Runtime:
+    """Install the runtime for this identity (prefetching from its queues) and say the worker is ready."""
+    rt = build_runtime(settings, engine, queue, name, identity, order)
+    jobs.install(rt)
+    if rt.outbox is not None:
+        rt.outbox.start()
+    presence.ready(identity)
+    log.info("serving model", extra={"worker": name, **identity.summary()})
+    return rt
+
+
+def _new_worker(settings: Settings, queue: QueueClient, name: str, order: list[Priority],
+                engine: Engine, identity: ModelIdentity) -> BatchWorker:
     maintenance_s = max(5, settings.heartbeat_s * 3)
-    return BatchWorker(
-        [queue.queues[p] for p in order], connection=queue.redis, name=name,
+    fleet = Fleet.from_settings(settings, queue.redis)
+    worker = BatchWorker(
+        queue.worker_queues(identity.model_version, order), connection=queue.redis, name=name,
         serializer=JSONSerializer, default_result_ttl=settings.result_ttl_s,
         maintenance_interval=maintenance_s, job_monitoring_interval=settings.heartbeat_s,
         # RQ's dequeue timeout is worker_ttl - 15: an idle worker wakes every maintenance period,
         # so maintenance (and with it the late-delivery sweep) runs even when no job arrives.
         worker_ttl=15 + maintenance_s,
     )
+    worker.sweep = lambda: fail_unserved(queue, fleet.view(), settings.version_wait_s, name)
+    if engine.model_can_change:
+        worker.identity_changed = lambda: identify(engine, settings).model_version != identity.model_version
+    return worker
 
 
-def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priority], engine_name: str, *,
-           burst: bool, max_jobs: int | None) -> bool:
-    """RQ's work loop, restarted after Redis outages until a stop is requested."""
+def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priority], engine: Engine,
+           identity: ModelIdentity, presence: Presence, *, burst: bool, max_jobs: int | None) -> bool:
+    """RQ's work loop, restarted after Redis outages (and, for a served model, after it changed) until a stop
+    is requested."""
     worked = False
-    while True:
-        worker = _new_worker(settings, queue, name, order)
-        log.info("worker ready", extra={"worker": name, "queues": [q.name for q in worker.queues],
-                                        "engine": engine_name})
-        try:
-            worked = worker.work(burst=burst, max_jobs=max_jobs, logging_level=settings.log_level.upper()) or worked
-            if worker.stop_asked or burst or max_jobs is not None:
+    rt = _start_serving(settings, queue, engine, identity, presence, name, order)
+    try:
+        while True:
+            worker = _new_worker(settings, queue, name, order, engine, identity)
+            log.info("worker ready", extra={"worker": name, "queues": [q.name for q in worker.queues],
+                                            "engine": engine.name, "model_version": identity.model_version})
+            try:
+                worked = worker.work(burst=burst, max_jobs=max_jobs,
+                                     logging_level=settings.log_level.upper()) or worked
+                if worker.reidentify and not worker.stop_asked:
+                    previous = identity.model_version
+                    try:
+                        identity = identify(engine, settings)
+                    except Exception as exc:
+                        presence.failed(failure_reason(exc, settings.secret_values()))
+                        raise
+                    log.warning("the served model changed; serving the new version", extra={
+                        "worker": name, "previous": previous, "model_version": identity.model_version})
+                    _stop_helpers(rt, settings)  # the old version's writes finish under its own name
+                    rt = _start_serving(settings, queue, engine, identity, presence, name, order)
+                    continue
+                if worker.stop_asked or burst or max_jobs is not None:
+                    return worked
+                log.error("worker loop ended unexpectedly; restarting it once Redis answers", extra={"worker": name})
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if worker.stop_asked:
+                    return worked
+                log.error("lost Redis; waiting for it", extra={"worker": name, "error": str(exc)})
+            if not _wait_for_redis(queue.redis):
                 return worked
-            log.error("worker loop ended unexpectedly; restarting it once Redis answers", extra={"worker": name})
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if worker.stop_asked:
-                return worked
-            log.error("lost Redis; waiting for it", extra={"worker": name, "error": str(exc)})
-        if not _wait_for_redis(queue.redis):
-            return worked
-        try:
-            worker.teardown()  # the old loop could not: free the name, stop its pub/sub thread
-        except redis.RedisError:
-            pass
+            try:
+                worker.teardown()  # the old loop could not: free the name, stop its pub/sub thread
+            except redis.RedisError:
+                pass
+    finally:
+        _stop_helpers(rt, settings)
 
 
 def _wait_for_redis(connection: redis.Redis, max_delay_s: float = 10.0) -> bool:

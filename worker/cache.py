@@ -1,8 +1,9 @@
 """Content-addressed result cache: the same image and prompt is never computed twice.
 
-Key: sha256 of (image content hash, prompt text, model_version). ``model_version``
-already covers the model, the prompt templates and the decoding settings, so a
-change of any of them misses the cache. Shared by all workers and projects
+Key: sha256 of (image content hash, prompt text, model_version), where model_version is
+the identity of the worker that computes (egm.identity): the model's content, engine,
+runtime, decoding and prompt settings. Two models never share an entry; a change of any
+of them misses the cache. Shared by all workers and projects
 through Redis; entries expire after ``EGM_CACHE_TTL_S``.
 """
 

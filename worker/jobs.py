@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from egm.contract import LS_REFUSED, LS_UNAVAILABLE, BatchJob, BatchResult
+from egm.contract import LS_REFUSED, LS_UNAVAILABLE, VERSION_UNSERVED, BatchJob, BatchResult, TaskResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
 from egm.runs import RunStore
@@ -61,6 +61,8 @@ def run_batch(payload: dict) -> dict:
     if job.run_id and RunStore(rt.queue.redis, rt.queue.prefix).is_cancelled(job.run_id):
         log.info("batch skipped: its run was cancelled", extra={"job_id": job.job_id, "run_id": job.run_id})
         return {"job_id": job.job_id, "ok": 0, "failed": 0, "written": 0, "cancelled": True}
+    if job.model_version != rt.processor.model_version:
+        return _refuse_other_version(rt, job)
     t0 = time.perf_counter()
     images = rt.prefetcher.take(job) if rt.prefetcher is not None else None
     prefetched = images is not None
@@ -111,6 +113,22 @@ def _check_writable(rt: Runtime, result: BatchResult) -> None:
     """Fail the job now, as a synchronous write would, when there is no Label Studio to write to."""
     if rt.writer.client is None and any(r.status == "ok" and r.task_id is not None for r in result.results):
         raise RuntimeError("cannot write predictions: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set")
+
+
+def _refuse_other_version(rt: Runtime, job: BatchJob) -> dict:
+    """Queues are per version, so only a job pushed into the wrong queue gets here: it is never
+    computed or written under this worker's name (nor its planner's); its tasks fail with the reason."""
+    reason = (f"planned for model_version {job.model_version}, but it reached a worker serving "
+              f"{rt.processor.model_version}; plan it again")
+    result = BatchResult(job_id=job.job_id, model_version=job.model_version, worker=rt.processor.worker_name,
+                         results=[TaskResult(task_id=t.task_id, ref=t.ref, status="failed", error=reason,
+                                             error_kind=VERSION_UNSERVED) for t in job.tasks])
+    rt.queue.store_result(result)
+    if job.run_id:
+        RunStore(rt.queue.redis, rt.queue.prefix).record(job, result)
+    log.error("refused a job of another model version", extra={"job_id": job.job_id, "expected": job.model_version,
+                                                               "serving": rt.processor.model_version})
+    return {"job_id": job.job_id, "ok": 0, "failed": len(job.tasks), "written": 0}
 
 
 def _deliver_late(rt: Runtime, job: BatchJob, result: BatchResult) -> int:

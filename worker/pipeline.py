@@ -20,6 +20,7 @@ from egm.ls_results import build_result
 from egm.parsing import ParsedCompletion, ParseStatus, parse_completion
 from egm.worker.cache import CachedOutput, ResultCache
 from egm.worker.engines.base import Engine, EngineRequest
+from egm.worker.identity import identify
 from egm.images import ImageLoadError, LoadedImage, fetch_many
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,11 @@ class BatchProcessor:
     """Holds the resident engine and runs batch jobs through it."""
 
     def __init__(self, engine: Engine, settings: Settings, cache: ResultCache | None = None,
-                 ls_client=None, worker_name: str | None = None) -> None:
+                 ls_client=None, worker_name: str | None = None, model_version: str | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        #: the worker's own identity: it keys the cache and names every result, whatever a job expected.
+        self.model_version = model_version or identify(engine, settings).model_version
         self.cache = cache
         self.ls_client = ls_client
         self.worker_name = worker_name
@@ -91,7 +94,7 @@ class BatchProcessor:
         ]
         stats.failed = sum(r.status == "failed" for r in results)
         self.last_stats = stats
-        return BatchResult(job_id=job.job_id, model_version=job.model_version, worker=self.worker_name,
+        return BatchResult(job_id=job.job_id, model_version=self.model_version, worker=self.worker_name,
                            results=results)
 
     # -- queries: cache first, then one engine call for all misses -------------
@@ -110,8 +113,8 @@ class BatchProcessor:
                 continue
             outcomes[i] = [QueryOutcome(query=q) for q in task.queries]
             for j, q in enumerate(task.queries):
-                keys = ([self.cache.key(image.sha256, q.text, job.model_version)]
-                        + [self.cache.key(image.sha256, q.text, f"{job.model_version}#sample{n}") for n in range(1, k)]
+                keys = ([self.cache.key(image.sha256, q.text, self.model_version)]
+                        + [self.cache.key(image.sha256, q.text, f"{self.model_version}#sample{n}") for n in range(1, k)]
                         if self.cache else [""] * k)
                 pending.append((i, j, keys))
 

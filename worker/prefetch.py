@@ -43,11 +43,13 @@ class Prefetcher:
     """One background loader per worker; see the module docstring."""
 
     def __init__(self, queue: QueueClient, load: Loader, worker_name: str,
-                 order: list[Priority] | None = None) -> None:
+                 order: list[Priority] | None = None, *, model_version: str) -> None:
         self.queue = queue
         self.load = load
         self.worker_name = worker_name
         self.order = order or [Priority.interactive, Priority.bulk]
+        #: the worker's own version: it only ever looks at the queues it serves
+        self.model_version = model_version
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="egm-prefetch")
         self._lock = threading.Lock()
         self._job_id: str | None = None
@@ -98,7 +100,7 @@ class Prefetcher:
         with self._lock:
             pending = self._job_id
         for priority in self.order:
-            for job_id in self.queue.queues[priority].get_job_ids(0, PEEK):
+            for job_id in self.queue.queue(priority, self.model_version).get_job_ids(0, PEEK):
                 if job_id == current_job_id:
                     continue
                 if job_id == pending:

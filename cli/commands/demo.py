@@ -67,6 +67,21 @@ def _tiny_model_dir() -> Path:
     return ensure_tiny_checkpoint(cache)
 
 
+def _wait_for_worker(env: dict[str, str], name: str, proc, log_path: Path) -> str:
+    """The model_version our worker serves once it is ready; raises with its reason when it dies first."""
+    from egm.cli.drive import check_alive
+    from egm.config.settings import Settings
+    from egm.fleet import Fleet
+    from egm.queue import connect
+
+    settings = Settings(REDIS_URL=env["REDIS_URL"], EGM_QUEUE_PREFIX=env["EGM_QUEUE_PREFIX"])
+    fleet = Fleet.from_settings(settings, connect(settings))
+    ours = lambda view: [w.model_version for w in view.ready if w.worker == name]  # noqa: E731
+    view = fleet.wait_for_ready(settings.worker_wait_s, start_timeout_s=settings.worker_start_timeout_s,
+                                poll_s=0.2, check=lambda v: check_alive(name, proc, log_path, v), accept=ours)
+    return ours(view)[0]
+
+
 def run(args) -> int:
     images = _images(args.images)
     if not images:
@@ -101,14 +116,20 @@ def run(args) -> int:
             print(f"started a private redis-server at {env['REDIS_URL']}", flush=True)
         port = processes.free_port()
         env["EGM_PORT"], env["EGM_HOST"] = str(port), "127.0.0.1"
-        worker = processes.spawn(["worker", "--name", f"demo-{os.getpid()}"], env, args.out / "worker.log")
+        worker_name = f"demo-{os.getpid()}"
+        worker = processes.spawn(["worker", "--name", worker_name], env, args.out / "worker.log")
         procs.append(worker)
         backend = processes.spawn(["serve"], env, args.out / "backend.log")
         procs.append(backend)
         base = f"http://127.0.0.1:{port}"
         processes.wait_http(f"{base}/health", 60, backend)
-        model_version = httpx.get(f"{base}/health").json()["model_version"]
-        print(f"backend up at {base} (model_version {model_version}); worker loading the model ...", flush=True)
+        print(f"backend up at {base}; worker loading the model ...", flush=True)
+        try:
+            model_version = _wait_for_worker(env, worker_name, worker, args.out / "worker.log")
+        except Exception as exc:  # noqa: BLE001 - the worker died or never came: its reason, one line
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"worker ready: model_version {model_version}", flush=True)
 
         tasks = [{"id": i + 1, "data": {"image": str(p)}} for i, p in enumerate(images)]
         started = time.time()

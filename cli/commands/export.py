@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="only annotations that started from a prediction (parent_prediction)")
     p.add_argument("--model-version", action="append", default=[],
                    help="only annotations started from a prediction of this model_version (repeatable); "
-                        "'current' is the model_version this configuration produces")
+                        "'current' is the model_version the live workers serve")
     p.add_argument("--require-review", choices=["auto", "yes", "no"], default="auto",
                    help="only review-approved annotations: auto = when the export carries review data")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of images in the val split (0.1)")
@@ -52,7 +52,11 @@ def run(args) -> int:
     from egm.labelstudio import LabelStudioClient, LabelStudioError
 
     formats = _formats(args.format)
-    versions = tuple(_resolve_version(v, settings) for v in args.model_version)
+    try:
+        versions = tuple(_resolve_version(v, settings) for v in args.model_version)
+    except Exception as exc:  # noqa: BLE001 - no live worker, Redis unreachable: one line
+        print(f"error: --model-version current: {exc}", file=sys.stderr)
+        return 1
     if not 0.0 <= args.val_fraction < 1.0:
         print("error: --val-fraction must be in [0, 1)", file=sys.stderr)
         return 2
@@ -73,10 +77,12 @@ def run(args) -> int:
 
 
 def _resolve_version(value: str, settings) -> str:
+    """'current' is the version the live workers serve (egm.fleet), the one new predictions are made with."""
     if value == "current":
-        from egm.versioning import model_version
+        from egm.fleet import Fleet
+        from egm.queue import connect
 
-        return model_version(settings)
+        return Fleet.from_settings(settings, connect(settings)).current_version()
     return value
 
 

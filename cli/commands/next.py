@@ -13,8 +13,8 @@ def register(sub) -> None:
     p = sub.add_parser("next", help="list the most uncertain unlabeled tasks of a project (active learning)")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     p.add_argument("-n", type=int, default=20, help="how many tasks (default 20)")
-    p.add_argument("--model-version", help="rank predictions of this version (default: the project's selected "
-                   "model version)")
+    p.add_argument("--model-version", help="rank predictions of this version (default: the version the live "
+                   "workers serve; with no live worker, the project's selected model version)")
     p.add_argument("--set-project-version", action="store_true",
                    help="make --model-version the project's selected version (Label Studio scores only that one)")
     p.add_argument("--save-view", metavar="TITLE", help="save them as a Data Manager view (tab), most uncertain first")
@@ -35,7 +35,7 @@ def run_command(args) -> int:
         return 2
     client = LabelStudioClient.from_settings(settings)
     try:
-        version = _version(client, args)
+        version = _version(client, args, _fleet_version(settings))
         chosen_all, unpredicted = next_candidates(client, args.project, version)
         chosen = chosen_all[:max(0, args.n)]
         view = None
@@ -62,17 +62,32 @@ def run_command(args) -> int:
     return 0
 
 
-def _version(client, args) -> str:
+def _fleet_version(settings) -> str | None:
+    """The version the live workers serve (what new predictions are made with), if any is live."""
+    import redis
+
+    from egm.fleet import Fleet, FleetError
+    from egm.queue import connect
+
+    try:
+        return Fleet.from_settings(settings, connect(settings)).current_version()
+    except (FleetError, redis.RedisError):
+        return None
+
+
+def _version(client, args, live: str | None) -> str:
     """Label Studio computes the Data Manager's prediction score for the project's selected version only."""
     selected = client.get_project(args.project).model_version
-    wanted = args.model_version or selected
+    wanted = args.model_version or live or selected
     if not wanted:
-        raise ValueError("the project has no selected model version: pass --model-version (and "
-                         "--set-project-version), or run prelabel first")
+        raise ValueError("no live worker and the project has no selected model version: pass --model-version "
+                         "(and --set-project-version), or run prelabel first")
     if wanted != selected:
         if not args.set_project_version:
-            raise ValueError(f"the project shows model version {selected!r}, not {wanted!r}; add "
-                             f"--set-project-version to switch it (scores are computed for that version only)")
+            whose = "the live workers serve" if wanted == live and not args.model_version else "you asked for"
+            raise ValueError(f"the project shows model version {selected!r}, but {whose} {wanted!r}; add "
+                             f"--set-project-version to switch it (scores are computed for that version only; "
+                             f"`egm-assist prelabel --project {args.project}` predicts the tasks with it)")
         client.request_json("PATCH", f"/api/projects/{int(args.project)}/", json={"model_version": wanted},
                             idempotent=True)
     return wanted

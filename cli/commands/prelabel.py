@@ -42,8 +42,8 @@ def register(sub) -> None:
                        help="put before each relative path in the Label Studio import file, e.g. "
                             "'/data/local-files/?d=images/'")
     run = p.add_argument_group("run")
-    run.add_argument("--model-version", help="model_version to predict as (default: computed from the settings)")
-    run.add_argument("--backend", help="take the model_version from this running ML backend (its /health)")
+    run.add_argument("--model-version", help="plan for this model_version; a live worker must serve it (default: "
+                     "the version the live workers serve, egm-assist status lists them)")
     run.add_argument("--batch-size", type=int, help="tasks per batch job (EGM_BULK_BATCH_SIZE, default 64)")
     run.add_argument("--local-workers", type=int, default=0,
                      help="start N workers for this command (default 0: use the workers already running)")
@@ -68,14 +68,17 @@ def run_command(args) -> int:
                            set_project_version=not args.keep_project_version, as_json=args.json,
                            local_workers=args.local_workers,
                            devices=[d.strip() for d in (args.devices or "").split(",") if d.strip()])
+    options.pinned_version = args.model_version
+    # The source is read and checked before any worker is awaited; the run's version (and with it its id and
+    # default output folder) comes from the workers afterwards.
     try:
-        model_version = _model_version(settings, args)
         if args.project is not None:
-            spec, client = _label_studio_spec(settings, args, model_version)
+            spec, client = _label_studio_spec(settings, args, "")
         else:
-            spec, client = _local_spec(settings, args, model_version), None
+            spec, client = _local_spec(settings, args, ""), None
             options.worker_env["EGM_LOCAL_FILES_ROOT"] = spec.files_root
-            options.log_dir = Path(spec.out_dir) / "logs"
+            if args.out:
+                options.log_dir = args.out.resolve() / "logs"
             _check_files_root(settings, spec, printer, args.local_workers)
     except (ValueError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -83,23 +86,14 @@ def run_command(args) -> int:
     except Exception as exc:  # noqa: BLE001 - unreachable services: a message, not a traceback
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    run = BulkRun(settings, spec, client=client, printer=printer)
-    return drive(run, options, printer)
 
+    def make_run(model_version: str) -> BulkRun:
+        versioned = spec.for_version(model_version)
+        if versioned.kind == "local" and not args.out:
+            versioned = versioned.model_copy(update={"out_dir": str((Path("out") / versioned.run_id).resolve())})
+        return BulkRun(settings, versioned, client=client, printer=printer)
 
-def _model_version(settings, args) -> str:
-    if args.model_version:
-        return args.model_version
-    if args.backend:
-        import httpx
-
-        body = httpx.get(args.backend.rstrip("/") + "/health", timeout=10).json()
-        if not body.get("model_version"):
-            raise ValueError(f"{args.backend}/health reports no model_version")
-        return str(body["model_version"])
-    from egm.versioning import model_version
-
-    return model_version(settings)
+    return drive(make_run, settings, options, printer)
 
 
 def _label_studio_spec(settings, args, model_version: str):
@@ -128,11 +122,9 @@ def _local_spec(settings, args, model_version: str):
     target = local_target(labels, config)
     default_root = source if args.folder else source.parent
     root = args.root or (Path(settings.local_files_root) if settings.local_files_root else default_root)
-    spec = local_spec(settings, source=source, source_kind="folder" if args.folder else "manifest",
-                      files_root=root, out_dir=Path("."), target=target, model_version=model_version,
+    return local_spec(settings, source=source, source_kind="folder" if args.folder else "manifest",
+                      files_root=root, out_dir=args.out or Path("out"), target=target, model_version=model_version,
                       image_url_prefix=args.image_url_prefix)
-    out_dir = (args.out or Path("out") / spec.run_id).resolve()
-    return spec.model_copy(update={"out_dir": str(out_dir)})
 
 
 def _check_files_root(settings, spec, printer, local_workers: int) -> None:

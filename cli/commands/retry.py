@@ -32,7 +32,9 @@ def run_command(args) -> int:
     spec = RunSpec.model_validate(raw)
     client = None
     options = DriveOptions(wait=not args.no_wait, timeout_s=args.timeout, retry_failed=True, as_json=args.json,
-                           local_workers=args.local_workers)
+                           local_workers=args.local_workers, pinned_version=spec.model_version,
+                           pin_hint=f"run {spec.run_id} was planned for it: start a worker serving it, or plan a new "
+                                    f"run for the live version with `egm-assist prelabel`")
     if spec.kind == "label_studio":
         from egm.labelstudio import LabelStudioClient
 
@@ -44,4 +46,5 @@ def run_command(args) -> int:
         options.worker_env["EGM_LOCAL_FILES_ROOT"] = spec.files_root
         options.log_dir = Path(spec.out_dir) / "logs"
     printer = ProgressPrinter(enabled=not args.quiet)
-    return drive(BulkRun(settings, spec, client=client, queue=queue, printer=printer), options, printer)
+    run = BulkRun(settings, spec, client=client, queue=queue, printer=printer)
+    return drive(lambda version: run, settings, options, printer)

@@ -1,4 +1,5 @@
-"""``egm-assist status [RUN]``: progress of bulk runs, their failed tasks, queues and workers."""
+"""``egm-assist status [RUN]``: progress of bulk runs, their failed tasks, queues, workers and the
+model versions they serve (the fleet registry, egm.fleet)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,27 @@ def run_command(args) -> int:
 
 
 def _workers(queue) -> int:
-    from rq import Worker
+    from egm.fleet import Fleet
 
-    return len({w.name for q in queue.queues.values() for w in Worker.all(queue=q)})
+    return len(Fleet.from_settings(queue.settings, queue.redis).view().workers)
+
+
+def fleet_summary(queue) -> dict:
+    """Versions (current first), and every live or recently failed worker with its state."""
+    from egm.fleet import Fleet, FleetError
+
+    view = Fleet.from_settings(queue.settings, queue.redis).view()
+    try:
+        current = view.current_version()
+    except FleetError:
+        current = None
+    live = view.live_versions()
+    versions = {}
+    for version in sorted(set(live) | set(view.last_seen), key=lambda v: -view.first_seen.get(v, 0)):
+        versions[version] = {"current": version == current, "ready_workers": len(live.get(version, [])),
+                             "first_seen": view.first_seen.get(version), "last_seen": view.last_seen.get(version)}
+    return {"current": current, "versions": versions, "now": view.now,
+            "workers": [w.model_dump(mode="json") for w in view.workers]}
 
 
 def _show_run(queue, runs, progress, args) -> int:
@@ -49,8 +68,8 @@ def _show_run(queue, runs, progress, args) -> int:
     retrying = RetryScheduler(queue).pending(progress.run_id)
     if args.json:
         print(json.dumps({"progress": progress.as_dict(), "failed": failed[:args.failed], "failed_total": len(failed),
-                          "retrying": len(retrying), "queues": queue.depths(), "workers": _workers(queue)},
-                         indent=1))
+                          "retrying": len(retrying), "queues": queue.depths(), "workers": _workers(queue),
+                          "fleet": fleet_summary(queue)}, indent=1))
         return 0
     print(f"run {progress.run_id}  [{progress.state}]  {progress.source}  model_version {progress.model_version}")
     print(f"  {render(progress)}")
@@ -66,8 +85,14 @@ def _show_run(queue, runs, progress, args) -> int:
         print("\n".join(format_failed(failed, args.failed)))
         print(f"retry them: egm-assist retry {progress.run_id}")
     depths = queue.depths()
-    print("queues: " + ", ".join(f"{name} {d['queued']} queued / {d['started']} running"
-                                 for name, d in depths.items()) + f"; workers: {_workers(queue)}")
+    print("queues: " + (", ".join(f"{name} {d['queued']} queued / {d['started']} running"
+                                  for name, d in depths.items()) or "none") + f"; workers: {_workers(queue)}")
+    fleet = fleet_summary(queue)
+    if fleet["current"] != progress.model_version:
+        now_serving = fleet["current"] or "no live worker"
+        print(f"note: this run's model_version is {progress.model_version}; new work goes to {now_serving}. Batches "
+              f"of a version no worker serves fail after EGM_VERSION_WAIT_S; `egm-assist prelabel` again plans a "
+              f"new run for the live version")
     return 0
 
 
@@ -76,7 +101,7 @@ def _list_runs(queue, runs, args) -> int:
     items.sort(key=lambda p: p.updated_at, reverse=True)
     if args.json:
         print(json.dumps({"runs": [p.as_dict() for p in items], "queues": queue.depths(),
-                          "workers": _workers(queue)}, indent=1))
+                          "workers": _workers(queue), "fleet": fleet_summary(queue)}, indent=1))
         return 0
     _fleet(queue)
     print("runs:" if items else "runs: none yet (start one with `egm-assist prelabel`)")
@@ -86,19 +111,40 @@ def _list_runs(queue, runs, args) -> int:
 
 
 def _fleet(queue) -> None:
-    """Queues, workers and throughput at a glance."""
+    """Model versions, queues, workers and throughput at a glance."""
     from rq import Worker
 
+    from egm.fleet import ago
     from egm.stats import StatsStore, parse_field
 
-    print("queues:  " + "   ".join(f"{name}: {d['queued']} queued, {d['started']} running, {d['failed']} failed"
-                                   for name, d in queue.depths().items()))
-    workers = {w.name: w for q in queue.queues.values() for w in Worker.all(queue=q)}
-    print(f"workers: {len(workers)}")
-    for w in sorted(workers.values(), key=lambda w: w.name):
-        job = w.get_current_job_id() or "-"
-        print(f"  {w.name:36} {w.get_state():9} job {job[:12]:12} done {w.successful_job_count:>6} "
-              f"failed {w.failed_job_count:>4} busy {w.total_working_time:8.1f} s")
+    fleet = fleet_summary(queue)
+    depths = queue.depths()
+    print("model versions:" if fleet["versions"] else "model versions: none seen yet (start `egm-assist worker`)")
+    for version, v in fleet["versions"].items():
+        waiting = sum(d["queued"] for d in depths.values() if d["model_version"] == version)
+        if v["ready_workers"]:
+            state = ("current" if v["current"] else "draining") + f", {v['ready_workers']} worker(s) ready"
+        else:
+            state = f"no live worker (last seen {ago(fleet['now'] - (v['last_seen'] or 0))})"
+        print(f"  {version:40} {state}" + (f"; {waiting} job(s) queued" if waiting else ""))
+    print("queues:  " + ("   ".join(f"{name}: {d['queued']} queued, {d['started']} running, {d['failed']} failed"
+                                    for name, d in depths.items()) or "none"))
+    rq_workers = {w.name: w for w in Worker.all(connection=queue.redis)}
+    print(f"workers: {len(fleet['workers'])}")
+    for w in sorted(fleet["workers"], key=lambda w: w["worker"]):
+        line = f"  {w['worker']:36} {w['state']:9}"
+        if w["state"] == "ready":
+            r = rq_workers.get(w["worker"])
+            line += f" {w['model_version']}"
+            if r is not None:
+                job = r.get_current_job_id() or "-"
+                line += (f"  job {job[:12]:12} done {r.successful_job_count:>6} failed {r.failed_job_count:>4} "
+                         f"busy {r.total_working_time:8.1f} s")
+        elif w["state"] == "starting":
+            line += f" loading the {w['engine']} model since {ago(fleet['now'] - w['started_at'])}"
+        else:
+            line += f" {w['reason']}"
+        print(line)
     stats = StatsStore(queue.redis, queue.prefix)
     totals: dict[str, float] = {}
     for raw, value in stats.snapshot().items():

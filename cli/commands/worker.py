@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from egm.cli.commands._common import settings_from_flags
+from egm.cli.errors import service_errors
 from egm.contract import Priority
 
 
@@ -18,10 +21,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+@service_errors
 def run(args) -> int:
     settings = settings_from_flags(EGM_ENGINE=args.engine, EGM_DEVICE=args.device)
-    from egm.worker.batch_worker import run_worker
+    import redis
+
+    from egm.worker.batch_worker import failure_reason, run_worker
 
     priorities = [Priority(q.strip()) for q in args.queues.split(",") if q.strip()]
-    run_worker(settings, burst=args.burst, name=args.name, max_jobs=args.max_jobs, priorities=priorities)
+    try:
+        run_worker(settings, burst=args.burst, name=args.name, max_jobs=args.max_jobs, priorities=priorities)
+    except redis.exceptions.ConnectionError:
+        raise  # service_errors says it in one line
+    except Exception as exc:  # noqa: BLE001 - the reason is in the fleet registry and the log; one line here
+        print(f"error: worker stopped: {failure_reason(exc, settings.secret_values())}", file=sys.stderr)
+        return 1
     return 0

@@ -48,17 +48,16 @@ def free_job_id(queue: QueueClient, job_id: str) -> str:
 
 def payload_of(queue: QueueClient, job_id: str) -> BatchJob | None:
     try:
-        job = Job.fetch(job_id, connection=queue.redis, serializer=queue.queues[Priority.bulk].serializer)
-        return BatchJob.model_validate(job.args[0])
+        return BatchJob.model_validate(queue.fetch_job(job_id).args[0])
     except Exception:  # noqa: BLE001 - a job we cannot read is reported by the caller
         return None
 
 
-def fail_abandoned(queue: QueueClient, runs: RunStore, run_id: str) -> int:
+def fail_abandoned(queue: QueueClient, runs: RunStore, run_id: str, model_version: str) -> int:
     """Tasks of batch jobs that RQ gave up on (retries exhausted) become failed tasks of the run.
 
     Without this a run whose worker kept dying on one batch would wait forever."""
-    registry = FailedJobRegistry(queue=queue.queues[Priority.bulk])
+    registry = FailedJobRegistry(queue=queue.queue(Priority.bulk, model_version))
     mine = [j for j in registry.get_job_ids() if j.startswith(run_id + "-")]
     seen_key = runs.key(run_id, "failed_jobs")
     failed = 0
@@ -85,7 +84,7 @@ def _key(task) -> str:
 
 def _last_error_line(queue: QueueClient, job_id: str) -> str:
     try:
-        job = Job.fetch(job_id, connection=queue.redis, serializer=queue.queues[Priority.bulk].serializer)
+        job = queue.fetch_job(job_id)
         text = (job.latest_result().exc_string if job.latest_result() else None) or ""
     except Exception:  # noqa: BLE001
         text = ""
@@ -101,7 +100,7 @@ def cancel_jobs(queue: QueueClient, job_ids: list[str]) -> int:
         if status not in (JobStatus.QUEUED.value, JobStatus.DEFERRED.value, JobStatus.SCHEDULED.value):
             continue
         try:
-            Job.fetch(job_id, connection=queue.redis, serializer=queue.queues[Priority.bulk].serializer).cancel()
+            queue.fetch_job(job_id).cancel()
             cancelled += 1
         except Exception as exc:  # noqa: BLE001 - it may have started meanwhile; workers skip it anyway
             log.info("could not cancel job", extra={"job_id": job_id, "error": str(exc)})

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from rq import Worker
-
 from egm.config.settings import Settings
 from egm.bulk.jobs import alive_jobs, fail_abandoned
 from egm.bulk.outputs import COCO_FILE, LS_IMPORT_FILE, ResultLog, write_coco, write_label_studio_import
@@ -26,7 +24,7 @@ from egm.bulk.progress import ProgressPrinter
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask, folder_tasks, label_studio_tasks, manifest_tasks
 from egm.bulk.spec import RunSpec, label_studio_run_id, local_run_id
-from egm.contract import BatchResult, LabelTarget, Priority
+from egm.contract import BatchResult, LabelTarget
 from egm.prompts import load_templates
 from egm.queries import build_queries
 from egm.queue import QueueClient
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 MAINTENANCE_EVERY_S = 5.0
 STALL_REPLAN_S = 30.0
-NO_WORKER_WARNING_S = 10.0
 
 
 # --------------------------------------------------------------------------- specs
@@ -157,7 +154,6 @@ class BulkRun:
         self.collector = (LocalCollector(self.queue, self.runs, spec.run_id, Path(spec.out_dir))
                           if spec.kind == "local" else None)
         self.plan_report: PlanReport | None = None
-        self._warned_no_workers = False
 
     @property
     def run_id(self) -> str:
@@ -186,8 +182,9 @@ class BulkRun:
             self.printer.update(progress)
 
     # -- follow ---------------------------------------------------------------------
-    def follow(self, timeout_s: float | None = None) -> RunProgress:
-        """Show progress until every task is resolved (or the run is cancelled, or the timeout)."""
+    def follow(self, timeout_s: float | None = None, watch: Callable[[], None] | None = None) -> RunProgress:
+        """Show progress until every task is resolved (or the run is cancelled, or the timeout).
+        ``watch()`` runs with the maintenance rounds and may raise to stop following (workers gone)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         last_maintenance = 0.0
         last_resolved, last_change, last_replan = -1, time.monotonic(), 0.0
@@ -201,7 +198,9 @@ class BulkRun:
             self.retries.promote_due()
             now = time.monotonic()
             if now - last_maintenance >= MAINTENANCE_EVERY_S:
-                self._maintain(idle_s=now - last_change)
+                self._maintain()
+                if watch is not None:
+                    watch()
                 last_maintenance = now
                 progress = self._progress()
             if self._complete(progress):
@@ -245,17 +244,10 @@ class BulkRun:
             missing = ok - self.collector.done
         return missing
 
-    def _maintain(self, idle_s: float) -> None:
+    def _maintain(self) -> None:
         self.queue.recover_abandoned()
-        if fail_abandoned(self.queue, self.runs, self.run_id):
+        if fail_abandoned(self.queue, self.runs, self.run_id, self.spec.model_version):
             self.printer.message("some batch jobs failed for good; their tasks are in the failed list")
-        if idle_s >= NO_WORKER_WARNING_S and not self._warned_no_workers and not self._workers():
-            self._warned_no_workers = True
-            self.printer.message(f"no worker is serving queue {self.queue.queues[Priority.bulk].name}: start "
-                                 f"`egm-assist worker` (one per GPU) or pass --local-workers N")
-
-    def _workers(self) -> int:
-        return Worker.count(queue=self.queue.queues[Priority.bulk])
 
     def _replan_if_lost(self) -> None:
         """No progress for a while and nothing alive: batches went missing (Redis flush, manual

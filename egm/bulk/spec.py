@@ -44,6 +44,15 @@ class RunSpec(BaseModel):
     #: prefix put before each relative path in the Label Studio import file (e.g. /data/local-files/?d=imgs/).
     image_url_prefix: str = ""
 
+    def for_version(self, model_version: str) -> "RunSpec":
+        """The same run for another model_version (another run id: a run is one source at one version)."""
+        if self.kind == "label_studio":
+            run_id = label_studio_run_id(self.label_studio_url or "", self.project_id, self.view_id, self.filters,
+                                         model_version)
+        else:
+            run_id = local_run_id(self.source_path or "", self.target.labels, model_version)
+        return self.model_copy(update={"model_version": model_version, "run_id": run_id})
+
     @property
     def source(self) -> str:
         if self.kind == "label_studio":

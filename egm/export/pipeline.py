@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +37,7 @@ from egm.export.regions import parse_result
 from egm.export.report import write_report
 from egm.export.samples import AnnotationView, Sample, build_samples, split_of
 from egm.export.sft import write_sft
+from egm.fleet import FleetError
 from egm.prompts import load_templates
 from egm.queries import TaskDataError, image_of
 
@@ -225,8 +227,14 @@ def _ask_rationales(state: _State, settings: Settings, config: LabelingConfig, o
         return
     client = client or RationaleClient(settings, config.target, project_id=options.project_id,
                                        template=options.rationale_prompt)
-    request = client.submit(needing)
-    found = client.collect(request, options.rationale_timeout_s)
+    started = time.monotonic()
+    try:
+        version = client.live_version(options.rationale_timeout_s)
+    except FleetError as exc:
+        state.warnings.append(f"{len(needing)} corrected sample(s) stay answer-only: {exc}")
+        return
+    request = client.submit(needing, version)
+    found = client.collect(request, max(0.0, options.rationale_timeout_s - (time.monotonic() - started)))
     for sample in needing:
         text = found.get(sample.id)
         if text:

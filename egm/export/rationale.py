@@ -6,8 +6,9 @@ the sample's reasoning. A rationale is kept only when the answer the model gives
 it agrees with the human boxes (EGM reward >= ``min_score``, i.e. IoU >= 0.5 for one
 box), so a rationale that argues for another object never enters the data set.
 
-Jobs go through the normal bulk queue (:mod:`egm.queue`) to whatever workers run; they
-are never written to Label Studio. Samples without a usable rationale in time stay
+Jobs go through the normal bulk queue (:mod:`egm.queue`) of the version the live workers serve
+(:mod:`egm.fleet`; the command waits for one up to its timeout); they are never written to Label
+Studio. Samples without a usable rationale in time stay
 answer-only. ``submit`` and ``collect`` are separate so a caller (or a test) can run a
 worker in between.
 """
@@ -23,9 +24,9 @@ from egm.config.settings import Settings
 from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob
 from egm.export.reward import compute_score, data_source_for
 from egm.export.samples import Sample
+from egm.fleet import Fleet
 from egm.parsing import parse_completion
 from egm.queue import QueueClient
-from egm.versioning import model_version
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,15 @@ class RationaleClient:
         self.template = template
         self.min_score = min_score
 
-    def submit(self, samples: list[Sample]) -> RationaleRequest:
+    def live_version(self, wait_s: float) -> str:
+        """The live workers' version, waiting up to ``wait_s`` for one (:class:`egm.fleet.FleetError` if none)."""
+        fleet = Fleet.from_settings(self.settings, self.queue.redis)
+        view = fleet.wait_for_ready(wait_s, start_timeout_s=max(wait_s, 0.0))
+        return view.version_for_planning(self.settings)
+
+    def submit(self, samples: list[Sample], model_version: str | None = None) -> RationaleRequest:
         request = RationaleRequest()
-        version = model_version(self.settings)
+        version = model_version or self.live_version(0.0)
         size = max(1, self.settings.batch_size)
         jobs = []
         for start in range(0, len(samples), size):

@@ -7,9 +7,9 @@ imported only by the engine that needs them.
 from __future__ import annotations
 
 from egm.config.settings import Settings
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
 
-__all__ = ["DecodingConfig", "Engine", "EngineError", "EngineOutput", "EngineRequest", "create_engine",
+__all__ = ["DecodingConfig", "Engine", "EngineError", "EngineOutput", "EngineRequest", "ServedModel", "create_engine",
            "decoding_from_settings"]
 
 

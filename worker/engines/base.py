@@ -55,10 +55,29 @@ class EngineOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ServedModel:
+    """What an engine really serves, as it reports it once loaded; the worker's identity
+    (:mod:`egm.worker.identity`) is built from it, never from the settings it was asked for."""
+
+    #: the human part of ``model_version``: checkpoint folder, served model id, "scripted".
+    name: str
+    #: local checkpoint folder the weights were read from (hub ids resolved to their snapshot); the
+    #: worker fingerprints its content.
+    checkpoint: str | None = None
+    #: whatever else names the model: a server's id, root and base URL; a script's digest.
+    details: dict[str, Any] = field(default_factory=dict)
+    #: what runs it: library, version, dtype.
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+
 class Engine(abc.ABC):
     """A loaded model that turns a batch of requests into completions."""
 
     name: str = "engine"
+    #: True when the model can change under a running worker (a server behind a URL): the worker then
+    #: asks :meth:`served_model` again between jobs. A loaded checkpoint cannot change.
+    model_can_change: bool = False
 
     def __init__(self, decoding: DecodingConfig, max_pixels: int, min_pixels: int = 784) -> None:
         self.decoding = decoding
@@ -69,6 +88,11 @@ class Engine(abc.ABC):
     def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
         """One output per request, in order. Per-request failures go into ``EngineOutput.error``;
         raise :class:`EngineError` only when the whole batch failed."""
+
+    @abc.abstractmethod
+    def served_model(self) -> ServedModel:
+        """What this engine serves right now. A served model may change under a running worker
+        (another model behind the same URL): the worker asks again between jobs."""
 
     def describe(self) -> dict[str, Any]:
         """What identifies this engine's outputs (model, decoding, image cap), for logs and status."""

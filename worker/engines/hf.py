@@ -24,7 +24,8 @@ from typing import Any
 
 from PIL import Image
 
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
+from egm.worker.engines.common import local_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,15 @@ class HFEngine(Engine):
             )
 
     # ------------------------------------------------------------------ Engine API
+
+    def served_model(self) -> ServedModel:
+        import transformers
+
+        from egm.identity import version_name
+
+        return ServedModel(name=version_name(self.model_path), checkpoint=local_checkpoint(self.model_path),
+                           runtime={"library": "transformers", "version": transformers.__version__,
+                                    "dtype": str(self.dtype).removeprefix("torch.")})
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

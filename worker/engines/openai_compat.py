@@ -22,12 +22,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from PIL import Image
 
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
 from egm.worker.engines.common import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes, to_rgb
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,16 @@ def normalize_base_url(url: str) -> str:
     if urlsplit(url).path in ("", "/"):
         url += "/v1"
     return url
+
+
+def public_url(url: str) -> str:
+    """``url`` without credentials (``http://user:pass@host`` -> ``http://host``), for identities and logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
 
 
 def encode_image(image: Image.Image, max_pixels: int, quality: int = JPEG_QUALITY) -> str:
@@ -192,6 +202,7 @@ def _transport_failure(exc: httpx.TransportError, timeout_s: float) -> _Failure:
 
 class OpenAICompatEngine(Engine):
     name = "openai"
+    model_can_change = True
 
     def __init__(
         self,
@@ -211,6 +222,8 @@ class OpenAICompatEngine(Engine):
             raise ValueError("concurrency must be at least 1")
         self.base_url = normalize_base_url(base_url)
         self.model = model
+        #: EGM_OPENAI_MODEL: when set, only that model will do; else whatever the server serves.
+        self.configured_model = model
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.retries = max(0, retries)
@@ -260,6 +273,42 @@ class OpenAICompatEngine(Engine):
                 break
         assert failure is not None
         raise failure
+
+    def _list_models(self) -> list[dict[str, Any]]:
+        try:
+            data = self._send("GET", f"{self.base_url}/models")
+        except _Failure as exc:
+            raise EngineError(self._redact(f"cannot list models at {self.base_url}/models: {exc}")) from None
+        models = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise EngineError(f"{self.base_url}/models did not answer a model list")
+        return [m for m in models if isinstance(m, dict) and m.get("id")]
+
+    def served_model(self) -> ServedModel:
+        """The model the server says it serves (asked every time: another model may have been put
+        behind the same URL). Without EGM_OPENAI_MODEL the engine follows the server's first model."""
+        from egm.identity import version_name
+
+        models = self._list_models()
+        ids = [str(m["id"]) for m in models]
+        if self.configured_model:
+            if self.configured_model not in ids:
+                raise EngineError(f"{public_url(self.base_url)} does not serve model {self.configured_model!r} "
+                                  f"(EGM_OPENAI_MODEL); it serves: {', '.join(ids) or 'nothing'}")
+            entry = models[ids.index(self.configured_model)]
+        elif models:
+            entry = models[ids.index(self.model)] if self.model in ids else models[0]
+        else:
+            raise EngineError(f"{public_url(self.base_url)}/models lists no model; set EGM_OPENAI_MODEL")
+        with self._model_lock:
+            self.model = str(entry["id"])
+        details = {"served_id": self.model, "base_url": public_url(self.base_url)}
+        if isinstance(entry.get("root"), str) and entry["root"] != self.model:
+            details["root"] = entry["root"]  # vLLM: the checkpoint path or hub id behind the served name
+        runtime = {"library": "openai-compatible server"}
+        if isinstance(entry.get("owned_by"), str):
+            runtime["owned_by"] = entry["owned_by"]
+        return ServedModel(name=version_name(self.model), details=details, runtime=runtime)
 
     def _resolve_model(self) -> str:
         """The configured model, or the first one the server lists (asked once)."""

@@ -12,7 +12,7 @@ import hashlib
 import re
 import time
 
-from egm.worker.engines.base import DecodingConfig, Engine, EngineOutput, EngineRequest
+from egm.worker.engines.base import DecodingConfig, Engine, EngineOutput, EngineRequest, ServedModel
 
 DEFAULT_TEMPLATE = (
     "The {label} is in the region the annotator asked about.\n</think>\n\n"
@@ -49,6 +49,12 @@ class ScriptedEngine(Engine):
         self.fail_on = fail_on
         self.calls = 0
         self.requests_seen = 0
+
+    def served_model(self) -> ServedModel:
+        """Its "model" is the script (and the class that plays it): other answers, another model."""
+        material = f"{type(self).__module__}.{type(self).__qualname__}\0{self.template}\0{self.fail_on or ''}"
+        script = hashlib.sha256(material.encode()).hexdigest()
+        return ServedModel(name="scripted", details={"script": script}, runtime={"library": "egm-scripted"})
 
     def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
         self.calls += 1

@@ -22,8 +22,8 @@ from typing import Any
 from PIL import Image
 
 from egm.config.settings import Settings
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest
-from egm.worker.engines.common import align_pieces, fit_within_pixels, to_rgb
+from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
+from egm.worker.engines.common import align_pieces, fit_within_pixels, local_checkpoint, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +321,17 @@ class VLLMEngine(Engine):
             for i, output in zip(ready, self._run([prepared[i] for i in ready])):  # type: ignore[misc]
                 outputs[i] = output
         return outputs
+
+    def served_model(self) -> ServedModel:
+        from egm.identity import version_name
+
+        vllm = import_vllm()
+        # the dtype vLLM chose (auto -> the checkpoint's); its location moved between vLLM releases
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        dtype = str(getattr(config, "dtype", "auto")).removeprefix("torch.")
+        return ServedModel(name=version_name(self.model_path), checkpoint=local_checkpoint(self.model_path),
+                           runtime={"library": "vllm", "version": getattr(vllm, "__version__", "unknown"),
+                                    "dtype": dtype})
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
