@@ -76,10 +76,20 @@ def _settings(env: dict[str, str]):
                 os.environ[k] = v
 
 
-def _model_version(ws: Workspace, model: str, manifest: dict) -> str:
-    from egm.versioning import model_version
+def _written_version(ls, project_id: int, before: set[int]) -> str | None:
+    """The model_version the live worker wrote under: the worker owns its identity (issue 11), so the
+    loop reads it off the predictions this stage created instead of computing it itself."""
+    with ls.client() as client:
+        fresh = [p for p in client.list_predictions(project_id=project_id) if p.id not in before]
+    versions = {p.model_version for p in fresh if p.model_version}
+    if len(versions) > 1:
+        raise RuntimeError(f"one prelabel run wrote under several model versions: {sorted(versions)}")
+    return versions.pop() if versions else None
 
-    return model_version(_settings(_settings_env(ws, model, manifest)))
+
+def _prediction_ids(ls, project_id: int) -> set[int]:
+    with ls.client() as client:
+        return {p.id for p in client.list_predictions(project_id=project_id)}
 
 
 def _stage_done(ws: Workspace, name: str, **result) -> None:
@@ -174,17 +184,16 @@ def cmd_prelabel(ws: Workspace, args, stack=None) -> int:
         code = 0
         for split in args.split:
             pid = _project(ws, stack, split, manifest)
-            version = _model_version(ws, args.model, manifest)
+            before = _prediction_ids(ls, pid)
             env = {**_settings_env(ws, args.model, manifest, ls.local_files_root), "REDIS_URL": stack.redis(),
                    "EGM_QUEUE_PREFIX": f"loop{os.getpid()}", "LABEL_STUDIO_URL": ls.url,
                    "LABEL_STUDIO_API_KEY": ls.token, "EGM_BATCH_SIZE": str(args.engine_batch),
                    "EGM_BULK_BATCH_SIZE": str(args.job_size)}
             log = ws.logs / f"prelabel-{args.model}-{split}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            print(f"pre-annotating {split} (project {pid}) with {args.model} = {version}; log {log}", flush=True)
+            print(f"pre-annotating {split} (project {pid}) with {args.model}; log {log}", flush=True)
             started = time.time()
-            cmd = [sys.executable, "-m", "egm.cli", "prelabel", "--project", str(pid), "--local-workers", "1",
-                   "--model-version", version]
+            cmd = [sys.executable, "-m", "egm.cli", "prelabel", "--project", str(pid), "--local-workers", "1"]
             with open(log, "ab") as out:
                 result = subprocess.run(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
             seconds = time.time() - started
@@ -196,6 +205,12 @@ def cmd_prelabel(ws: Workspace, args, stack=None) -> int:
                       f"(see {log})", file=sys.stderr)
                 code = result.returncode
                 continue
+            version = _written_version(ls, pid, before) or ws.state.get("versions", {}).get(args.model)
+            if version is None:
+                print(f"error: {args.model} wrote no prediction in project {pid} (see {log})", file=sys.stderr)
+                code = 1
+                continue
+            print(f"  {args.model} served as {version}")
             ws.state.setdefault("versions", {})[args.model] = version
             _stage_done(ws, f"prelabel-{args.model}-{split}", seconds=round(seconds, 1), model_version=version,
                         project=pid, failed_tasks=result.returncode == EXIT_FAILED_TASKS)
