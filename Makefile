@@ -12,7 +12,7 @@ CONSTRAINTS = -c requirements/constraints.txt
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/verl.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(VENV)/bin/pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[hf,export,train,test]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[hf,export,train,test,sdk]'
 	# verl's dataset loader and reward loop for the GRPO export's test, without verl's training stack
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements/verl.txt
 	touch $@

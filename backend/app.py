@@ -24,7 +24,7 @@ from egm.backend.models import (ErrorResponse, HealthResponse, PredictRequest, P
 from egm.backend.predictor import BadPredictRequest, Predictor, project_id_of
 from egm.backend.versions import VersionSource
 from egm.backend.webhook import WebhookHandler
-from egm.backend.webhook_auth import ensure_webhook_auth
+from egm.backend.webhook_auth import ensure_webhook
 from egm.config.settings import Settings, get_settings
 from egm.fleet import FleetError
 from egm.logs import configure_logging, redact
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
             except LabelingConfigError as exc:
                 return JSONResponse({"detail": str(exc)}, 422)
         try:
-            ensure_webhook_auth(settings, project_id_of(req.project))
+            ensure_webhook(settings, project_id_of(req.project))
         except BadPredictRequest as exc:
             return JSONResponse({"detail": str(exc)}, 422)
         return SetupResponse(model_version=versions.for_planning())

@@ -212,7 +212,7 @@ def _with_version(make_run, settings: Settings, options: DriveOptions, printer: 
 
 def _drive(run: BulkRun, options: DriveOptions, printer: ProgressPrinter, out, watch=None) -> int:
     try:
-        plan = run.start(retry_failed=options.retry_failed)
+        plan = run.start(retry_failed=options.retry_failed, set_project_version=options.set_project_version)
         printer.message(f"run {run.run_id}: {plan.total} tasks - {plan.enqueued_tasks} enqueued in "
                         f"{len(plan.enqueued_jobs)} batches, {plan.skipped} already predicted, {plan.done} done "
                         f"before, {plan.in_flight} in flight, {plan.failed_kept} failed before"

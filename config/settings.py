@@ -103,8 +103,10 @@ class Settings(BaseSettings):
                                               description="Basic-auth password.")
     public_url: str | None = Field(
         None, validation_alias=_env("EGM_PUBLIC_URL"),
-        description="URL Label Studio uses to reach this backend (for patching its webhook's basic auth); "
-                    "default: any <host>:EGM_PORT/webhook of the project.",
+        description="URL Label Studio uses to reach this backend. On /setup the backend makes sure the "
+                    "project has a webhook to <this URL>/webhook (creates it if Label Studio did not), with "
+                    "basic auth when set. The host needs a dot: Label Studio refuses others. Unset: the "
+                    "backend only patches basic auth into any <host>:EGM_PORT/webhook of the project.",
     )
     predict_budget_s: float = Field(
         25.0, validation_alias=_env("EGM_PREDICT_BUDGET_S"),

@@ -2,14 +2,22 @@
 
 Label Studio re-sends the labeling config with every ``/predict`` call, so parsed
 configs are cached by the hash of their text.
+
+The XML is read with the standard library, following the rules of label-studio-sdk's
+``LabelInterface`` for what this project needs: a *control* tag has ``name`` and
+``toName`` (a comma-separated list); an *object* tag has ``name`` and ``value`` (or
+``valueList``); a ``<Label>`` / ``<Choice>`` belongs to its nearest enclosing control and
+is keyed by its ``alias``, else its ``value``. Not importing the SDK keeps its pandas,
+numpy and opencv out of the backend and its image (the SDK stays an optional extra, ``sdk``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import xml.etree.ElementTree as ElementTree
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from egm.contract import LabelTarget
@@ -88,14 +96,62 @@ def _parse(xml: str) -> LabelingConfig:
     return LabelingConfig(target=target, prompt_from_name=prompt, image_value_key=image_key)
 
 
-def _interface(xml: str):
-    from label_studio_sdk.label_interface import LabelInterface
+@dataclass
+class _Tag:
+    """One tag of the config, as much of it as the reading below needs."""
 
+    tag: str
+    name: str
+    attr: dict[str, str]
+    value: str | None = None
+    to_name: list[str] = field(default_factory=list)
+    #: Label/Choice children of a control: stored value (alias or value) -> that child tag.
+    labels_attrs: dict[str, "_Tag"] = field(default_factory=dict)
+
+
+@dataclass
+class _Interface:
+    objects: list[_Tag]
+    controls: list[_Tag]
+
+
+_NOT_CONTROL_TAGS = {"Filter"}
+_LABEL_TAGS = {"Label", "Choice", "Relation"}
+
+
+def _interface(xml: str) -> _Interface:
     try:
-        return LabelInterface(xml)
-    except Exception as exc:  # the SDK raises lxml, pydantic and its own errors alike
+        root = ElementTree.fromstring(xml)
+    except (ElementTree.ParseError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise LabelingConfigError(f"labeling config is not valid XML for Label Studio: {message}") from None
+    parents = {child: parent for parent in root.iter() for child in parent}
+    objects: dict[str, _Tag] = {}
+    controls: dict[str, _Tag] = {}
+    for element in root.iter():
+        attr = {k: str(v) for k, v in element.attrib.items()}
+        name = attr.get("name")
+        if name and attr.get("toName") and element.tag not in _NOT_CONTROL_TAGS:
+            controls[name] = _Tag(tag=element.tag, name=name, attr=attr, to_name=attr["toName"].split(","))
+        elif name and (attr.get("value") or attr.get("valueList")):
+            objects[name] = _Tag(tag=element.tag, name=name, attr=attr, value=attr.get("valueList", attr.get("value")))
+        elif element.tag in _LABEL_TAGS:
+            parent = _parent_control(element, parents, controls)
+            stored = attr.get("alias") or attr.get("value")
+            if parent is not None and stored is not None:
+                parent.labels_attrs[stored] = _Tag(tag=element.tag, name=stored, attr=attr, value=stored)
+    return _Interface(objects=list(objects.values()), controls=list(controls.values()))
+
+
+def _parent_control(element: ElementTree.Element, parents: dict, controls: dict[str, _Tag]) -> _Tag | None:
+    """The nearest enclosing control tag (a Label may sit in nested Views inside it)."""
+    parent = parents.get(element)
+    while parent is not None:
+        name = parent.attrib.get("name")
+        if name in controls:
+            return controls[name]
+        parent = parents.get(parent)
+    return None
 
 
 def _tag(tag: Any) -> str:

@@ -45,6 +45,8 @@ _ACCESS_TOKEN_MARGIN_S = 30.0
 #: Longest slice of a server reply quoted in an error message.
 _DETAIL_CHARS = 400
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+#: The events an ML backend's webhook carries: what keeps the correction figures current.
+WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
 
 
 class LabelStudioError(RuntimeError):
@@ -444,6 +446,12 @@ class LabelStudioClient:
     def get_project(self, project_id: int) -> Project:
         return Project.from_api(self.request_json("GET", f"/api/projects/{int(project_id)}/"))
 
+    def set_project_model_version(self, project_id: int, model_version: str) -> Project:
+        """Select which predictions the project shows annotators and scores in the Data Manager."""
+        body = self.request_json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version},
+                                 idempotent=True)
+        return Project.from_api(body)
+
     def get_label_config(self, project_id: int) -> str:
         return self.get_project(project_id).label_config
 
@@ -603,6 +611,60 @@ class LabelStudioClient:
             raise LabelStudioError(self._redact(str(exc), new_headers.values()), status_code=exc.status_code,
                                    method=exc.method, path=exc.path) from None
         return Webhook.from_api(body)
+
+    def create_webhook(self, project_id: int, url: str, *, headers: dict[str, str] | None = None,
+                       actions: Iterable[str] | None = WEBHOOK_ACTIONS) -> Webhook:
+        """A project webhook to ``url`` sending full payloads; ``actions=None`` sends every action."""
+        new_headers = {str(k): str(v) for k, v in (headers or {}).items()}
+        body = {"project": int(project_id), "url": url, "send_payload": True, "is_active": True,
+                "headers": new_headers, "send_for_all_actions": actions is None,
+                "actions": list(actions or [])}
+        try:
+            return Webhook.from_api(self.request_json("POST", "/api/webhooks/", json=body))
+        except LabelStudioError as exc:
+            raise LabelStudioError(self._redact(str(exc), new_headers.values()), status_code=exc.status_code,
+                                   method=exc.method, path=exc.path) from None
+
+    def delete_webhook(self, webhook_id: int) -> None:
+        self.request("DELETE", f"/api/webhooks/{int(webhook_id)}/", expect=(200, 204, 404))
+
+    def ensure_webhook(self, project_id: int, url: str, *,
+                       headers: dict[str, str] | None = None) -> tuple[Webhook, str]:
+        """Make the project have exactly one active webhook to ``url`` carrying ``headers``.
+
+        Returns the webhook and what was done: ``"kept"``, ``"patched"`` or ``"created"``.
+        One that Label Studio made itself (it does when an ML backend is connected under a URL it
+        accepts) is kept and given the headers; duplicates to the same URL (Label Studio and we
+        creating at once) are deleted, oldest kept, because each would deliver every event again.
+        """
+        wanted = {str(k): str(v) for k, v in (headers or {}).items()}
+        hooks = self._webhooks_to(project_id, url)
+        outcome = "kept"
+        if not hooks:
+            self.create_webhook(project_id, url, headers=wanted)
+            hooks = self._webhooks_to(project_id, url)
+            outcome = "created"
+            if not hooks:
+                raise LabelStudioError(f"Label Studio did not keep the webhook of project {int(project_id)}")
+        hook, duplicates = hooks[0], hooks[1:]
+        for extra in duplicates:
+            self.delete_webhook(extra.id)
+        if not hook.is_active or any(hook.headers.get(k) != v for k, v in wanted.items()):
+            path = f"/api/webhooks/{hook.id}/"
+            merged = {**hook.headers, **wanted}
+            try:
+                body = self.request_json("PATCH", path, json={"headers": merged, "is_active": True}, idempotent=True)
+            except LabelStudioError as exc:
+                raise LabelStudioError(self._redact(str(exc), merged.values()), status_code=exc.status_code,
+                                       method=exc.method, path=exc.path) from None
+            hook = Webhook.from_api(body)
+            outcome = "patched" if outcome == "kept" else outcome
+        return hook, outcome
+
+    def _webhooks_to(self, project_id: int, url: str) -> list[Webhook]:
+        """The project's webhooks to ``url`` (trailing slash ignored), oldest first."""
+        target = url.rstrip("/")
+        return sorted((h for h in self.list_webhooks(project_id) if h.url.rstrip("/") == target), key=lambda h: h.id)
 
     # ----------------------------------------------------------------- export
 

@@ -14,6 +14,11 @@ Keys (all under ``<prefix>:run:<id>``): the hash itself (meta and counters),
 ``:seen``, ``:failed`` (task -> JSON reason), ``:assign`` (task -> job id of its
 latest batch), ``:finished`` (list of finished job ids, in order), ``:spec``
 (what the CLI needs to resume or retry the run), ``:lock`` (one planner at a time).
+
+A run completes where its last task resolves, not only in a CLI that follows it: once the planner
+has counted every task (``planned``), the worker that records the last batch flips ``running`` to
+``done`` (``complete_if_done``, atomic, so exactly one caller does it and then finishes the run:
+egm.bulk.completion). So ``prelabel --no-wait`` runs, and runs whose CLI died, read ``done``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,20 @@ for i = 1, #ARGV do
   end
 end
 return n
+"""
+
+
+# KEYS: run hash. Flips a planned, running run whose every task is resolved to "done"; 1 when this call did it.
+_COMPLETE_LUA = """
+local d = redis.call('HMGET', KEYS[1], 'state', 'planned', 'total', 'n_ok', 'n_cached', 'n_failed', 'n_skipped',
+                     'n_retrying')
+if d[1] ~= 'running' or d[2] ~= '1' then return 0 end
+local function n(x) return tonumber(x or '0') or 0 end
+local resolved = n(d[4]) + n(d[5]) + n(d[6]) + n(d[7])
+if n(d[8]) > 0 or resolved < n(d[3]) then return 0 end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'state', 'done', 'updated_at', now[1] + now[2] / 1000000)
+return 1
 """
 
 
@@ -137,18 +156,22 @@ class RunStore:
         self.prefix = prefix
         self._record = connection.register_script(_RECORD_LUA)
         self._forget = connection.register_script(_FORGET_LUA)
+        self._complete = connection.register_script(_COMPLETE_LUA)
 
     def key(self, run_id: str, *parts: str) -> str:
         return redis_key(self.prefix, "run", run_id, *parts)
 
     # -- lifecycle -------------------------------------------------------------------
-    def create(self, run_id: str, *, total: int, model_version: str, source: str, spec: dict | None = None) -> None:
-        """Start or resume a run: state ``running``, this invocation's counters reset."""
+    def create(self, run_id: str, *, total: int, model_version: str, source: str, spec: dict | None = None,
+               switch_project_version: bool = True) -> None:
+        """Start or resume a run: state ``running``, not planned yet, this invocation's counters reset.
+        ``switch_project_version``: whoever completes the run makes its Label Studio project show this version."""
         now = time.time()
         resolved = self.progress(run_id)
         mapping = {"total": total, "model_version": model_version, "source": source, "updated_at": now,
                    "resumed_at": now, "resolved_at_resume": resolved.resolved if resolved else 0,
-                   "enqueued": 0, "state": "running"}
+                   "enqueued": 0, "state": "running", "planned": 0,
+                   "switch_project_version": int(bool(switch_project_version))}
         with self.redis.pipeline() as pipe:
             pipe.hsetnx(self.key(run_id), "started_at", now)
             pipe.hset(self.key(run_id), mapping=mapping)
@@ -163,6 +186,18 @@ class RunStore:
 
     def add_enqueued(self, run_id: str, n: int, skipped: int = 0) -> None:
         self.redis.hincrby(self.key(run_id), "enqueued", n)
+
+    def set_planned(self, run_id: str) -> None:
+        """Every task of the source is counted in ``total``: the run can complete once they are resolved."""
+        self.redis.hset(self.key(run_id), mapping={"planned": 1, "updated_at": time.time()})
+
+    def complete_if_done(self, run_id: str) -> bool:
+        """Mark a planned, running run ``done`` when no task is left or retrying. True only for the one
+        caller that made the change (a worker after the last batch, the planner, the following CLI)."""
+        return bool(self._complete(keys=[self.key(run_id)]))
+
+    def switches_project_version(self, run_id: str) -> bool:
+        return self.redis.hget(self.key(run_id), "switch_project_version") != b"0"
 
     def set_state(self, run_id: str, state: str) -> None:
         self.redis.hset(self.key(run_id), mapping={"state": state, "updated_at": time.time()})

@@ -21,6 +21,7 @@ from rq.job import Job
 from egm.contract import VERSION_UNSERVED, BatchJob, BatchResult, TaskResult
 from egm.fleet import FleetView
 from egm.queue import QueueClient
+from egm.bulk.completion import finish_if_done
 from egm.runs import RunStore
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ def _fail(queue: QueueClient, job: Job, reason: str, sweeper: str) -> None:
         for t in payload.tasks])
     queue.store_result(result)
     if payload.run_id:
-        RunStore(queue.redis, queue.prefix).record(payload, result)
+        runs = RunStore(queue.redis, queue.prefix)
+        runs.record(payload, result)
+        finish_if_done(runs, payload.run_id)  # its tasks all resolved now: the run reads done
     job.cancel()
     log.warning("failed a job no worker of its version took", extra={
         "job_id": payload.job_id, "model_version": payload.model_version, "tasks": len(payload.tasks),

@@ -343,3 +343,29 @@ def test_a_changed_folder_is_planned_as_it_is_now(settings, data, tmp_path):
     tasks = json.loads((tmp_path / "out" / LS_IMPORT_FILE).read_text())
     assert sorted(t["data"]["egm_ref"] for t in tasks) == sorted(
         [f"data/img{i:04d}.png" for i in range(2, 8)] + ["data/new.png"])
+
+
+def test_a_run_nobody_follows_reads_done_once_its_last_batch_is_recorded(settings, data, tmp_path):
+    """`prelabel --no-wait`: the worker that records the last batch completes the run, not only the CLI."""
+    write_images(data, 6)
+    run = make_run(settings, data, tmp_path / "out")
+    plan = run.start()
+    runs = RunStore(run.queue.redis, run.queue.prefix)
+    assert plan.enqueued_tasks == 6 and runs.progress(run.run_id).state == "running"
+    work(settings, ScriptedEngine())
+    progress = runs.progress(run.run_id)
+    assert (progress.state, progress.resolved, progress.remaining) == ("done", 6, 0)
+    # completing is one caller's act: a second check changes nothing
+    assert runs.complete_if_done(run.run_id) is False
+
+
+def test_a_run_is_not_done_before_it_is_planned(settings, data):
+    """Batches can finish while the planner still reads the source: no task left so far is not the end."""
+    queue = QueueClient(settings)
+    runs = RunStore(queue.redis, queue.prefix)
+    runs.create("r-unplanned", total=0, model_version="v", source="test")
+    runs.mark("r-unplanned", {"a": "ok"})
+    runs.set_total("r-unplanned", 1)
+    assert runs.complete_if_done("r-unplanned") is False and runs.progress("r-unplanned").state == "running"
+    runs.set_planned("r-unplanned")
+    assert runs.complete_if_done("r-unplanned") is True and runs.progress("r-unplanned").state == "done"

@@ -141,7 +141,8 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
     from egm.worker.progress import record_batch
 
     rt = jobs.Runtime(processor=processor, queue=queue, writer=writer,
-                      on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats))
+                      on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats,
+                                                                             ls_client))
     if settings.prefetch:
         rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order,
                                    model_version=identity.model_version)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from egm.bulk.completion import finish_if_done
 from egm.bulk.retries import RetryScheduler
 from egm.contract import BatchJob, BatchResult
 from egm.queue import QueueClient
@@ -13,11 +14,14 @@ from egm.stats import StatsStore
 log = logging.getLogger(__name__)
 
 
-def record_batch(queue: QueueClient, job: BatchJob, result: BatchResult, stats) -> None:
+def record_batch(queue: QueueClient, job: BatchJob, result: BatchResult, stats, ls_client=None) -> None:
     retries = RetryScheduler(queue)
     # Transient failures of a bulk run get another try later; they count as "retrying", not failed.
     retrying = retries.schedule(job, result) if job.run_id else set()
-    RunStore(queue.redis, queue.prefix).record(job, result, retrying)
+    runs = RunStore(queue.redis, queue.prefix)
+    runs.record(job, result, retrying)
+    # The last batch of a run completes it here, whether or not a CLI still follows it.
+    finish_if_done(runs, job.run_id, ls_client)
     StatsStore(queue.redis, queue.prefix).record_batch(job, result, stats)
     try:
         retries.promote_due()

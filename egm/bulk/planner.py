@@ -127,7 +127,8 @@ class Planner:
         if self._flush(report, batches, skipped, rejected):
             # tasks this run knew that are no longer in the source must not count towards it
             self.runs.forget(run_id, [k for k in statuses if k not in report.images])
-        self.runs.set_total(run_id, report.total)
+            self.runs.set_total(run_id, report.total)
+            self.runs.set_planned(run_id)
         return report
 
     def _batch(self, tasks: list[SourceTask]) -> BatchJob:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from egm.config.settings import Settings
+from egm.bulk.completion import finish_if_done, show_version_in_project
 from egm.bulk.jobs import alive_jobs, fail_abandoned
 from egm.bulk.outputs import COCO_FILE, LS_IMPORT_FILE, ResultLog, write_coco, write_label_studio_import
 from egm.bulk.planner import PlanReport, Planner
@@ -160,13 +161,18 @@ class BulkRun:
         return self.spec.run_id
 
     # -- start -----------------------------------------------------------------------
-    def start(self, retry_failed: bool = False) -> PlanReport:
+    def start(self, retry_failed: bool = False, set_project_version: bool = True) -> PlanReport:
+        """Create or resume the run and enqueue what is left. ``set_project_version``: whoever completes
+        the run (the worker of its last batch, or ``finish``) makes the project show its version."""
         self.runs.create(self.run_id, total=0, model_version=self.spec.model_version, source=self.spec.source,
-                         spec=self.spec.model_dump(mode="json"))
+                         spec=self.spec.model_dump(mode="json"), switch_project_version=set_project_version)
         if retry_failed:
             failed = self.runs.failed(self.run_id)
             self.retries.reset_attempts(self.run_id, [task_key(f.get("task_id"), f.get("ref")) for f in failed])
-        return self._plan(retry_failed)
+        report = self._plan(retry_failed)
+        if self.collector is None:  # nothing left to enqueue (all predicted already): done now
+            finish_if_done(self.runs, self.run_id, self.client)
+        return report
 
     def _plan(self, retry_failed: bool = False) -> PlanReport:
         if self.collector is not None:
@@ -265,7 +271,7 @@ class BulkRun:
         if progress.state == "cancelled":
             return outcome
         if outcome.complete:
-            self.runs.set_state(self.run_id, "done")
+            self.runs.set_state(self.run_id, "done")  # a worker may have done it already
             outcome.progress = self._progress()
         if self.collector is not None:
             outcome.outputs = self._write_outputs()
@@ -288,10 +294,7 @@ class BulkRun:
     def _show_in_label_studio(self) -> None:
         """Make the project show this version's predictions (and score them in the Data Manager)."""
         try:
-            project = self.client.get_project(self.spec.project_id)
-            if project.model_version != self.spec.model_version:
-                self.client.request_json("PATCH", f"/api/projects/{int(self.spec.project_id)}/",
-                                         json={"model_version": self.spec.model_version}, idempotent=True)
+            if show_version_in_project(self.client, self.spec.project_id, self.spec.model_version):
                 self.printer.message(f"project {self.spec.project_id} now shows predictions of model version "
                                      f"{self.spec.model_version}")
         except Exception as exc:  # noqa: BLE001 - the predictions are written; this is a convenience
