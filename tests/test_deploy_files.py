@@ -18,6 +18,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -403,7 +404,11 @@ def test_in_network_addresses_point_at_the_right_services(compose):
         ls_root = env_dict(compose["services"]["label-studio"])["LOCAL_FILES_DOCUMENT_ROOT"]
         assert service_env["EGM_LOCAL_FILES_ROOT"] == ls_root, "workers must see local files where Label Studio does"
     backend_env = env_dict(compose["services"]["backend"])
-    assert backend_env["EGM_PUBLIC_URL"] == f"http://backend:{backend_port}", "the URL Label Studio connects to"
+    public = urlsplit(backend_env["EGM_PUBLIC_URL"])
+    assert public.port == backend_port, "the URL Label Studio connects to"
+    # Label Studio refuses webhook URLs whose host has no dot: the backend's dotted alias on the network
+    assert "." in public.hostname, "Label Studio refuses webhook hosts without a dot"
+    assert public.hostname in compose["services"]["backend"]["networks"]["default"]["aliases"]
     assert int(backend_env["EGM_PORT"]) == backend_port
     assert backend_env["EGM_HOST"] == "0.0.0.0"
     dashboard_url = env_dict(compose["services"]["rq-dashboard"])["RQ_DASHBOARD_REDIS_URL"]
@@ -615,6 +620,25 @@ def test_dockerfile_bakes_no_secrets(image):
     assert not re.search(r"(PASSWORD|TOKEN|API_KEY|SECRET)\s*=\s*\S", text), f"{image}: secret-looking assignment"
 
 
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_dockerfile_builds_with_no_registry_but_its_base(image):
+    """A `# syntax=` line makes BuildKit fetch a frontend image from Docker Hub; `COPY --chmod` and
+    other BuildKit-only flags fail under the classic builder. Neither may appear (issue 14)."""
+    text = DOCKERFILES[image].read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), f"{image}: no `# syntax=` line"
+    for ins in read_dockerfile(DOCKERFILES[image]):
+        if ins.keyword in ("COPY", "ADD", "RUN"):
+            assert not re.search(r"--(chmod|link|mount|parents|exclude|checksum)\b", ins.args), \
+                f"{image}: {ins.keyword} {ins.args[:60]} needs BuildKit"
+
+
+def test_images_copy_the_readme_pyproject_names():
+    """pyproject's `readme` must be in the build context, or building the wheel warns and drops it."""
+    for image in EGM_IMAGES:
+        copies = " ".join(ins.args for ins in read_dockerfile(DOCKERFILES[image]) if ins.keyword == "COPY")
+        assert "README.md" in copies.split(), f"{image}: COPY README.md next to pyproject.toml"
+
+
 def test_entrypoint_script_is_valid_executable_shell():
     script = ROOT / "docker" / "entrypoint.sh"
     assert script.stat().st_mode & 0o111, "entrypoint.sh must be executable"
@@ -633,7 +657,7 @@ def test_dockerignore_keeps_build_inputs_and_drops_secrets_and_bulk():
     packaged = [p for top in ("egm", "backend", "worker", "config") for p in (ROOT / top).rglob("*")
                 if p.is_file() and "__pycache__" not in p.parts]
     assert packaged
-    for path in packaged + [ROOT / "pyproject.toml", ROOT / "docker" / "entrypoint.sh"]:
+    for path in packaged + [ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "docker" / "entrypoint.sh"]:
         rel = path.relative_to(ROOT).as_posix()
         assert not dockerignored(rel, patterns), f"{rel} is needed by the images but .dockerignore drops it"
 
@@ -643,7 +667,7 @@ def test_dockerignore_keeps_build_inputs_and_drops_secrets_and_bulk():
 
 def test_deployment_doc_covers_the_path_from_clone_to_running_stack():
     doc = DEPLOYMENT_DOC.read_text()
-    for needle in ("cp config/env.example .env", "docker compose up -d", "http://backend:9090",
+    for needle in ("cp config/env.example .env", "docker compose up -d", "http://backend.egm.internal:9090",
                    "--scale worker=", "PATCH /api/webhooks/", "model_version", "/models"):
         assert needle in doc, f"docs/deployment.md should mention {needle!r}"
 

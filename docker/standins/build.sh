@@ -9,6 +9,9 @@
 # this machine's CA bundle (pip inside builds goes through the same TLS path as the host):
 # it is copied into this folder for the build and removed afterwards, never committed.
 # EGM_STANDINS_FORCE=1 builds stand-ins even where a pull would work.
+# EGM_STANDINS_VLLM=1 also builds egm-standin/vllm-openai:v0.24.0, a build-only base for the GPU
+# worker image (empty torch/vllm packages: it proves docker/Dockerfile.worker builds, nothing more;
+# see Dockerfile.vllm-openai). It never takes the official vllm/vllm-openai name.
 set -eu
 here="$(cd "$(dirname "$0")" && pwd)"
 mirror="${EGM_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -18,6 +21,7 @@ PYTHON_IMAGE=python:3.12.12-slim-bookworm
 REDIS_IMAGE=redis:7.4.6-alpine
 LS_IMAGE=heartexlabs/label-studio:1.23.2
 BASE_IMAGE=local/debian:bookworm
+VLLM_STANDIN=egm-standin/vllm-openai:v0.24.0
 
 say() { echo "standins: $*" >&2; }
 fail() { echo "standins: $*" >&2; exit 1; }
@@ -64,3 +68,7 @@ trap 'rm -f "$here/ca-certificates.crt"' EXIT INT TERM
 ensure "$PYTHON_IMAGE" Dockerfile.python
 ensure "$REDIS_IMAGE" Dockerfile.redis
 ensure "$LS_IMAGE" Dockerfile.label-studio --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"
+if [ "${EGM_STANDINS_VLLM:-0}" = 1 ]; then
+    if have "$VLLM_STANDIN"; then say "$VLLM_STANDIN present"
+    else standin "$VLLM_STANDIN" Dockerfile.vllm-openai --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"; fi
+fi
