@@ -14,7 +14,9 @@ before it saves the ML backend and its webhook):
   the webhook ``<EGM_PUBLIC_URL>/webhook`` is *ensured* through
   ``LabelStudioClient.ensure_webhook``: the one Label Studio made is kept (and given our
   ``Authorization`` header when basic auth is on); if none appears within a few seconds,
-  the backend creates it; duplicates are removed;
+  the backend creates it; duplicates are removed. A webhook to ``<any host>:EGM_PORT/webhook``
+  counts as ours too (the backend connected under another name that Label Studio accepted),
+  so connecting under a second name never doubles the events;
 * without it, the backend cannot know its own address: it only patches credentials into
   webhooks that look like ours (``<any host>:EGM_PORT/webhook``), as before.
 
@@ -51,9 +53,10 @@ def webhook_url(settings: Settings) -> str | None:
 
 
 def is_ours(url: str, settings: Settings) -> bool:
+    """``<EGM_PUBLIC_URL>/webhook``, or any ``<host>:EGM_PORT/webhook`` (this backend under another name)."""
     own = webhook_url(settings)
-    if own:
-        return url.rstrip("/") == own
+    if own and url.rstrip("/") == own:
+        return True
     parts = urlsplit(url)
     return parts.path.rstrip("/").endswith("/webhook") and parts.port == settings.port
 
@@ -83,7 +86,8 @@ def settle_webhook(settings: Settings, client, project_id: int, *, may_create: b
         return f"patched {patched}" if patched else None
     if not may_create and not any(is_ours(h.url, settings) for h in client.list_webhooks(project_id)):
         return None
-    _, outcome = client.ensure_webhook(project_id, url, headers=wanted_headers(settings))
+    _, outcome = client.ensure_webhook(project_id, url, headers=wanted_headers(settings),
+                                       same=lambda other: is_ours(other, settings))
     return outcome
 
 

@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -628,21 +628,22 @@ class LabelStudioClient:
     def delete_webhook(self, webhook_id: int) -> None:
         self.request("DELETE", f"/api/webhooks/{int(webhook_id)}/", expect=(200, 204, 404))
 
-    def ensure_webhook(self, project_id: int, url: str, *,
-                       headers: dict[str, str] | None = None) -> tuple[Webhook, str]:
+    def ensure_webhook(self, project_id: int, url: str, *, headers: dict[str, str] | None = None,
+                       same: Callable[[str], bool] | None = None) -> tuple[Webhook, str]:
         """Make the project have exactly one active webhook to ``url`` carrying ``headers``.
 
         Returns the webhook and what was done: ``"kept"``, ``"patched"`` or ``"created"``.
-        One that Label Studio made itself (it does when an ML backend is connected under a URL it
-        accepts) is kept and given the headers; duplicates to the same URL (Label Studio and we
-        creating at once) are deleted, oldest kept, because each would deliver every event again.
+        ``same(url)`` says which other webhook URLs reach the same receiver (the ML backend under
+        another host name). One that Label Studio made itself (it does when an ML backend is
+        connected under a URL it accepts) is kept and given the headers; duplicates (Label Studio
+        and we creating at once) are deleted, oldest kept, because each would deliver every event again.
         """
         wanted = {str(k): str(v) for k, v in (headers or {}).items()}
-        hooks = self._webhooks_to(project_id, url)
+        hooks = self._webhooks_to(project_id, url, same)
         outcome = "kept"
         if not hooks:
             self.create_webhook(project_id, url, headers=wanted)
-            hooks = self._webhooks_to(project_id, url)
+            hooks = self._webhooks_to(project_id, url, same)
             outcome = "created"
             if not hooks:
                 raise LabelStudioError(f"Label Studio did not keep the webhook of project {int(project_id)}")
@@ -661,10 +662,11 @@ class LabelStudioClient:
             outcome = "patched" if outcome == "kept" else outcome
         return hook, outcome
 
-    def _webhooks_to(self, project_id: int, url: str) -> list[Webhook]:
-        """The project's webhooks to ``url`` (trailing slash ignored), oldest first."""
+    def _webhooks_to(self, project_id: int, url: str, same: Callable[[str], bool] | None = None) -> list[Webhook]:
+        """The project's webhooks to ``url`` (trailing slash ignored) or ``same``, oldest first."""
         target = url.rstrip("/")
-        return sorted((h for h in self.list_webhooks(project_id) if h.url.rstrip("/") == target), key=lambda h: h.id)
+        return sorted((h for h in self.list_webhooks(project_id)
+                       if h.url.rstrip("/") == target or (same is not None and same(h.url))), key=lambda h: h.id)
 
     # ----------------------------------------------------------------- export
 

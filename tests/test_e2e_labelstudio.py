@@ -5,6 +5,7 @@ Label Studio -> our backend (subprocess) -> Redis -> worker (subprocess) -> back
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -176,6 +177,45 @@ def test_basic_auth_backend_patches_its_webhook_and_receives_events(label_studio
         for log in tmp_path.glob("*.log"):
             text = log.read_text()
             assert password not in text and label_studio.token not in text, log.name
+    finally:
+        s.stop()
+
+
+def test_backend_creates_the_webhook_label_studio_refuses_and_events_arrive_once(label_studio, redis_url, tmp_path):
+    """Connected under a host name without a dot (like compose's `backend`), Label Studio makes no
+    webhook; the backend creates one to EGM_PUBLIC_URL on /setup, once, and events reach it."""
+    host = socket.gethostname()
+    try:
+        loopback = socket.gethostbyname(host) == "127.0.0.1"
+    except OSError:
+        loopback = False
+    if "." in host or not loopback:
+        pytest.skip(f"needs a dotless host name that resolves to 127.0.0.1 (this one: {host})")
+    s = Stack(label_studio, redis_url, tmp_path)
+    s.env["EGM_PUBLIC_URL"] = s.url  # an IP: Label Studio accepts it
+    s.start()
+    try:
+        project = label_studio.create_project(CONFIG)
+        task_id, _ = label_studio.upload_image(project, sample_images()[0])
+        label_studio.connect_ml_backend(project, f"http://{host}:{s.port}")
+        client = label_studio.client()
+        deadline = time.time() + 30
+        while time.time() < deadline and not client.list_webhooks(project):
+            time.sleep(0.5)
+        time.sleep(2)  # every /setup Label Studio sent has settled: still one webhook
+        assert [h.url for h in client.list_webhooks(project)] == [s.url + "/webhook"]
+        label_studio.create_annotation(task_id, [])
+        deadline = time.time() + 20
+        seen = 0.0
+        while time.time() < deadline and not seen:
+            text = httpx.get(s.url + "/metrics").text
+            seen = sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith('egm_annotation_events_total{action="ANNOTATION_CREATED"'))
+            time.sleep(0.3)
+        time.sleep(1)
+        text = httpx.get(s.url + "/metrics").text
+        assert sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith('egm_annotation_events_total{action="ANNOTATION_CREATED"')) == 1
     finally:
         s.stop()
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from egm.labeling import parse_labeling_config
-from egm.labelstudio import KeyKind, LabelStudioClient, LabelStudioError, key_kind
+from egm.labelstudio import WEBHOOK_ACTIONS, KeyKind, LabelStudioClient, LabelStudioError, key_kind
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "config" / "labeling"
 BOXES = (TEMPLATES / "boxes.xml").read_text()
@@ -234,6 +234,35 @@ def test_ml_backend_webhook_headers_are_patched_and_sent(label_studio, client, m
     assert calls, "Label Studio sent no webhook"
     assert calls[-1].headers.get("Authorization") == auth
     assert calls[-1].body["action"] == "ANNOTATION_CREATED"
+
+
+def test_ensure_webhook_creates_keeps_patches_and_leaves_exactly_one(label_studio, client):
+    pid = label_studio.create_project(BOXES)
+    url = "http://backend.egm.internal:9090/webhook"
+    hook, outcome = client.ensure_webhook(pid, url)
+    assert outcome == "created" and hook.url == url and hook.is_active
+    assert set(hook.actions) == set(WEBHOOK_ACTIONS) and not hook.send_for_all_actions
+    again, outcome = client.ensure_webhook(pid, url + "/")
+    assert (again.id, outcome) == (hook.id, "kept")
+    # Label Studio and the backend creating at once: the duplicate goes, the oldest stays
+    client.create_webhook(pid, url)
+    auth = {"Authorization": "Basic " + base64.b64encode(b"egm:hook-secret").decode()}
+    kept, outcome = client.ensure_webhook(pid, url, headers=auth)
+    assert (kept.id, outcome, kept.headers) == (hook.id, "patched", auth)
+    # the same receiver under another name counts as the same webhook
+    client.create_webhook(pid, "http://10.1.2.3:9090/webhook", actions=None)
+    kept, outcome = client.ensure_webhook(pid, url, headers=auth, same=lambda u: u.endswith(":9090/webhook"))
+    assert (kept.id, outcome) == (hook.id, "kept")
+    assert [(h.id, h.url) for h in client.list_webhooks(pid)] == [(hook.id, url)]
+
+
+def test_ensure_webhook_keeps_the_one_label_studio_made_for_an_ml_backend(label_studio, client, ml_backend_stub):
+    pid = label_studio.create_project(BOXES)
+    label_studio.connect_ml_backend(pid, ml_backend_stub.url)
+    (made,) = client.list_webhooks(pid)
+    kept, outcome = client.ensure_webhook(pid, ml_backend_stub.url + "/webhook")
+    assert (kept.id, outcome) == (made.id, "kept")
+    assert len(client.list_webhooks(pid)) == 1
 
 
 def test_export_carries_review_fields(label_studio, client):
