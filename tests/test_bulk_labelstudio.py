@@ -125,6 +125,37 @@ def test_bulk_run_predicts_every_task_once_keeps_failures_and_reruns_compute_not
         workers.stop()
 
 
+def test_a_no_wait_run_ends_on_the_worker_done_and_shown_in_label_studio(label_studio, ls_env, tmp_path):
+    """`prelabel --no-wait` returns at once; the worker of the last batch completes the run: it reads done
+    in `status` and the project's model version becomes the run's. --keep-project-version is respected."""
+    pid, ids, _ = add_image_tasks(label_studio, 20, seed=3)
+    kept_pid, kept_ids, _ = add_image_tasks(label_studio, 4, seed=4)
+    queue = QueueClient(ls_env)
+    runs = RunStore(queue.redis, queue.prefix)
+    workers = Workers(ls_env, label_studio, tmp_path).start("a")
+    try:
+        wait_until(lambda: run_cli("status", "--json")[1]["workers"] >= 1, timeout_s=60, what="a ready worker")
+        code, _ = run_cli("prelabel", "--project", str(pid), "--no-wait", "--quiet")
+        assert code == 0
+        code, _ = run_cli("prelabel", "--project", str(kept_pid), "--no-wait", "--quiet", "--keep-project-version")
+        assert code == 0
+        by_project = {runs.spec(r)["project_id"]: r for r in runs.runs()}
+        run_id, kept_run = by_project[pid], by_project[kept_pid]
+        wait_until(lambda: runs.progress(run_id).state == "done" and runs.progress(kept_run).state == "done",
+                   timeout_s=120, what="both runs to read done")
+        progress = runs.progress(run_id)
+        assert (progress.done, progress.failed, progress.remaining) == (20, 0, 0)
+        code, status = run_cli("status", run_id, "--json")
+        assert code == 0 and status["progress"]["state"] == "done"
+        client = label_studio.client()
+        assert client.get_project(pid).model_version == progress.model_version
+        assert client.get_project(kept_pid).model_version != progress.model_version
+        preds = predictions_by_task(label_studio, pid)
+        assert set(preds) == set(ids) and all(len(p) == 1 for p in preds.values())
+    finally:
+        workers.stop()
+
+
 def _running_job_of(queue: QueueClient, worker_name: str) -> str | None:
     """The bulk job ``worker_name`` is executing right now, if any (from RQ's started registry)."""
     for job_id in StartedJobRegistry(queue=queue.queue(Priority.bulk, version_of())).get_job_ids():
