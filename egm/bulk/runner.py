@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import redis
+
 from egm.config.settings import Settings
 from egm.bulk.completion import finish_if_done, show_version_in_project
 from egm.bulk.jobs import alive_jobs, fail_abandoned
@@ -34,6 +36,8 @@ from egm.runs import RunProgress, RunStore, task_key
 log = logging.getLogger(__name__)
 
 MAINTENANCE_EVERY_S = 5.0
+#: how long ``follow`` waits out an unreachable Redis (a restart) before giving up.
+REDIS_OUTAGE_S = 120.0
 STALL_REPLAN_S = 30.0
 
 
@@ -190,35 +194,58 @@ class BulkRun:
     # -- follow ---------------------------------------------------------------------
     def follow(self, timeout_s: float | None = None, watch: Callable[[], None] | None = None) -> RunProgress:
         """Show progress until every task is resolved (or the run is cancelled, or the timeout).
-        ``watch()`` runs with the maintenance rounds and may raise to stop following (workers gone)."""
+        ``watch()`` runs with the maintenance rounds and may raise to stop following (workers gone).
+        Redis going away for a while (a restart: the run's state is in its append-only file) is
+        waited out for up to ``REDIS_OUTAGE_S``; longer, and the error ends the command."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_maintenance = 0.0
-        last_resolved, last_change, last_replan = -1, time.monotonic(), 0.0
+        state = {"maintenance": 0.0, "resolved": -1, "change": time.monotonic(), "replan": 0.0}
+        outage_since: float | None = None
         while True:
-            progress = self._progress()
-            self.printer.update(progress)
-            if progress.state == "cancelled":
+            try:
+                progress = self._follow_round(state, watch)
+                if outage_since is not None:
+                    self.printer.message("Redis is back; following the run again")
+                    outage_since = None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                now = time.monotonic()
+                if outage_since is None:
+                    outage_since = now
+                    self.printer.message(f"Redis unreachable ({type(exc).__name__}); waiting up to "
+                                         f"{REDIS_OUTAGE_S:.0f} s for it to come back")
+                if now - outage_since > REDIS_OUTAGE_S:
+                    raise
+                time.sleep(1.0)
+                continue
+            if progress is not None:
                 return progress
-            if self.collector is not None and self.collector.collect():
-                progress = self._progress()
-            self.retries.promote_due()
-            now = time.monotonic()
-            if now - last_maintenance >= MAINTENANCE_EVERY_S:
-                self._maintain()
-                if watch is not None:
-                    watch()
-                last_maintenance = now
-                progress = self._progress()
-            if self._complete(progress):
-                return progress
-            if progress.resolved != last_resolved:
-                last_resolved, last_change = progress.resolved, now
-            elif now - last_change >= STALL_REPLAN_S and now - last_replan >= STALL_REPLAN_S:
-                last_replan = now
-                self._replan_if_lost()
-            if deadline is not None and now >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"run {self.run_id} not finished after {timeout_s:g} s")
             time.sleep(self.poll_s)
+
+    def _follow_round(self, state: dict, watch: Callable[[], None] | None) -> RunProgress | None:
+        """One look at the run; its progress when following ends (done or cancelled), else None."""
+        progress = self._progress()
+        self.printer.update(progress)
+        if progress.state == "cancelled":
+            return progress
+        if self.collector is not None and self.collector.collect():
+            progress = self._progress()
+        self.retries.promote_due()
+        now = time.monotonic()
+        if now - state["maintenance"] >= MAINTENANCE_EVERY_S:
+            self._maintain()
+            if watch is not None:
+                watch()
+            state["maintenance"] = now
+            progress = self._progress()
+        if self._complete(progress):
+            return progress
+        if progress.resolved != state["resolved"]:
+            state["resolved"], state["change"] = progress.resolved, now
+        elif now - state["change"] >= STALL_REPLAN_S and now - state["replan"] >= STALL_REPLAN_S:
+            state["replan"] = now
+            self._replan_if_lost()
+        return None
 
     def _progress(self) -> RunProgress:
         return self.runs.progress(self.run_id) or RunProgress(run_id=self.run_id)
