@@ -41,6 +41,8 @@ base() {
         rm -rf "$root"
         fail "debootstrap failed: $(tail -n 1 "$root.log")"
     fi
+    # mktemp made the folder 0700; as the image's / it would lock every non-root user out.
+    chmod 755 "$root"
     tar -C "$root" -c . | docker import - "$BASE_IMAGE" >/dev/null
     rm -rf "$root" "$root.log"
 }
