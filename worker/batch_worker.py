@@ -252,7 +252,7 @@ def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priori
                                             "engine": engine.name, "model_version": identity.model_version})
             try:
                 worked = worker.work(burst=burst, max_jobs=max_jobs,
-                                     logging_level=settings.log_level.upper()) or worked
+                                     logging_level=(settings.log_level or "INFO").upper()) or worked
                 if worker.reidentify and not worker.stop_asked:
                     previous = identity.model_version
                     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from egm.cli.errors import service_errors
+from egm.cli.errors import missing_key, service_errors
 from egm.cli.commands._common import settings_from_flags
 
 
@@ -31,8 +31,7 @@ def run_command(args) -> int:
 
     settings = settings_from_flags(LABEL_STUDIO_URL=args.ls_url, LABEL_STUDIO_API_KEY=args.ls_key)
     if settings.label_studio_api_key is None:
-        print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --ls-url / --ls-key)", file=sys.stderr)
-        return 2
+        return missing_key("next")
     client = LabelStudioClient.from_settings(settings)
     try:
         version = _version(client, args, _fleet_version(settings))
@@ -87,7 +86,7 @@ def _version(client, args, live: str | None) -> str:
             whose = "the live workers serve" if wanted == live and not args.model_version else "you asked for"
             raise ValueError(f"the project shows model version {selected!r}, but {whose} {wanted!r}; add "
                              f"--set-project-version to switch it (scores are computed for that version only; "
-                             f"`egm-assist prelabel --project {args.project}` predicts the tasks with it)")
+                             f"'egm-assist prelabel --project {args.project}' predicts the tasks with it)")
         client.request_json("PATCH", f"/api/projects/{int(args.project)}/", json={"model_version": wanted},
                             idempotent=True)
     return wanted

@@ -13,7 +13,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    settings = settings_from_flags(EGM_HOST=args.host, EGM_PORT=args.port)
+    settings = settings_from_flags(service=True, EGM_HOST=args.host, EGM_PORT=args.port)
     from egm.backend.app import serve
 
     serve(settings)

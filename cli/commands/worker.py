@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 @service_errors
 def run(args) -> int:
-    settings = settings_from_flags(EGM_ENGINE=args.engine, EGM_DEVICE=args.device)
+    settings = settings_from_flags(service=True, EGM_ENGINE=args.engine, EGM_DEVICE=args.device)
     import redis
 
     from egm.worker.batch_worker import failure_reason, run_worker
