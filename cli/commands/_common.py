@@ -46,15 +46,19 @@ def step_printer(what: str, every_s: float = 10.0, stream=None):
     stream = stream or sys.stdout
     started = time.monotonic()
     last = [started]
+    first: list[float] = []  # when the first step ended: the rate is measured after it (warm-up)
 
     def progress(done: int, total: int) -> None:
         now = time.monotonic()
+        if not first:
+            first.append(now)
         if done < total and now - last[0] < every_s:
             return
         last[0] = now
-        elapsed = now - started
-        left = elapsed / done * (total - done) if done else 0.0
-        tail = f", about {left:.0f} s left" if done < total else ""
-        print(f"  {what}: {done}/{total} ({elapsed:.0f} s{tail})", file=stream, flush=True)
+        tail = ""
+        if 1 < done < total:
+            left = (now - first[0]) / (done - 1) * (total - done)
+            tail = f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+        print(f"  {what}: {done}/{total} ({now - started:.0f} s{tail})", file=stream, flush=True)
 
     return progress

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 
-from egm.cli.errors import service_errors
+from egm.cli.errors import EXIT_USAGE, fail, service_errors
 from egm.cli.commands._common import open_runs
 
 
@@ -20,8 +19,7 @@ def run_command(args) -> int:
 
     _, queue, runs = open_runs()
     if runs.progress(args.run) is None:
-        print(f"error: no run {args.run!r} (see 'egm-assist status')", file=sys.stderr)
-        return 2
+        return fail(f"no run {args.run!r} (see 'egm-assist status')", EXIT_USAGE)
     report = cancel_run(queue, args.run)
     progress = runs.progress(args.run)
     print(f"run {args.run} cancelled: {report['jobs_cancelled']} queued batches dropped, "

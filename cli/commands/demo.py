@@ -84,8 +84,8 @@ def _tiny_model_dir() -> Path:
     if tiny_checkpoint_cached(cache):
         print(f"using the tiny model in {cache}", flush=True)
         return ensure_tiny_checkpoint(cache)
-    print(f"building the tiny model in {cache} (first run only: 240 training steps on the CPU, about 20 s on a "
-          f"free machine, several minutes on a busy one) ...", flush=True)
+    print(f"building the tiny model in {cache} (first run only: 240 training steps on the CPU, from about a "
+          f"minute to several on a busy machine; progress below) ...", flush=True)
     return ensure_tiny_checkpoint(cache, progress=step_printer("training step"))
 
 

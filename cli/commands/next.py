@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from egm.cli.errors import missing_key, service_errors
+from egm.cli.errors import fail, missing_key, service_errors
 from egm.cli.commands._common import settings_from_flags
 
 
@@ -42,8 +41,7 @@ def run_command(args) -> int:
             filters, ordering = view_for(chosen)
             view = client.create_view(args.project, args.save_view, filters=filters, ordering=ordering)
     except (LabelStudioError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
     if args.json:
         print(json.dumps({"model_version": version, "tasks": [{"id": c.task_id, "score": c.score} for c in chosen],
                           "candidates": len(chosen_all), "unpredicted": unpredicted,

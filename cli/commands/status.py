@@ -4,10 +4,9 @@ model versions they serve (the fleet registry, egm.fleet)."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 
-from egm.cli.errors import service_errors
+from egm.cli.errors import EXIT_USAGE, fail, service_errors
 from egm.cli.commands._common import open_runs
 
 
@@ -28,8 +27,7 @@ def run_command(args) -> int:
         return _list_runs(queue, runs, args)
     progress = runs.progress(args.run)
     if progress is None:
-        print(f"error: no run {args.run!r} (see 'egm-assist status' for the list)", file=sys.stderr)
-        return 2
+        return fail(f"no run {args.run!r} (see 'egm-assist status' for the list)", EXIT_USAGE)
     if args.watch:
         progress = _watch(runs, args.run)
     return _show_run(queue, runs, progress, args)
