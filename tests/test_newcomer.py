@@ -336,3 +336,79 @@ def test_license_is_an_spdx_string_so_installing_prints_no_setuptools_warning():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert isinstance(project["license"], str)  # a TOML table is deprecated (setuptools warns)
     assert not any(c.startswith("License ::") for c in project.get("classifiers", []))
+
+
+# --------------------------------------------------------------------------- the README is true
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_readme_command_table_lists_every_command_with_flags_that_exist():
+    from egm.cli.main import COMMANDS, build_parser
+
+    parser = build_parser()
+    rows = [line for line in _readme_section("Command line").splitlines() if line.startswith("| `egm-assist ")]
+    listed = set()
+    for row in rows:
+        usage = row.split("`")[1]
+        command = usage.split()[1]
+        listed.add(command)
+        options = set(parser.subcommands[command]._option_string_actions)
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", usage):
+            assert flag in options, f"README: `{usage}` - {command} has no {flag}"
+    assert listed == {c.replace("_", "-") for c in COMMANDS}
+
+
+def test_readme_prelabel_examples_use_real_flags():
+    from egm.cli.main import build_parser
+
+    options = set(build_parser().subcommands["prelabel"]._option_string_actions)
+    examples = [line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.lstrip().startswith("egm-assist prelabel")]
+    assert examples
+    for line in examples:
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", line.split("#")[0]):
+            assert flag in options, line
+
+
+def test_readme_states_the_prerequisites_a_fresh_machine_lacks():
+    quickstart = _readme_section("Quickstart")
+    for needed in ("python3-venv", "redis-server", "GB of disk"):
+        assert needed in quickstart, needed
+
+
+# --------------------------------------------------------------------------- the demo's file imports
+
+
+def test_demo_import_file_and_labeling_config_import_into_label_studio_as_documented(label_studio, tmp_path):
+    """The README's four steps, done through Label Studio's API: every task arrives with its prediction,
+    and Label Studio serves each task's image."""
+    folder = label_studio.local_files_root / f"demo-{os.getpid()}"
+    folder.mkdir(parents=True)
+    for p in SAMPLES.glob("*.jpg"):
+        shutil.copy(p, folder / p.name)
+    out_dir = tmp_path / "demo"
+    out = _cli("demo", "--engine", "scripted", "--images", str(folder), "--out", str(out_dir))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={label_studio.local_files_root}" in out.stdout
+
+    project = label_studio.create_project((out_dir / "labeling_config.xml").read_text())
+    label_studio.call("POST", "/api/storages/localfiles/",
+                      json={"project": project, "path": str(folder), "title": "demo", "use_blob_urls": True})
+    tasks = json.loads((out_dir / "label_studio_import.json").read_text())
+    label_studio.call("POST", f"/api/projects/{project}/import", json=tasks)
+
+    stored = label_studio.call("GET", "/api/tasks/", params={"project": project, "page_size": 100})
+    stored = stored["tasks"] if isinstance(stored, dict) else stored
+    assert len(stored) == len(list(SAMPLES.glob("*.jpg")))
+    assert len(label_studio.list_predictions(project)) == len(stored)
+    for task in stored:
+        image = task["data"]["image"]
+        assert image.startswith(f"/data/local-files/?d={folder.name}/")
+        served = label_studio.admin.get(image)
+        assert served.status_code == 200 and served.content[:2] == b"\xff\xd8", image  # the JPEG itself

@@ -100,10 +100,13 @@ def image_url(path: Path, root: Path, prefix: str | None) -> str:
 
 def label_studio_hint(out_dir: Path, root: Path, folder: Path) -> str:
     """How to import the demo's file into Label Studio (also in the README)."""
-    return (f"To see it in Label Studio: start it with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
-            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root}; create a project with the labeling config "
-            f"{out_dir / 'labeling_config.xml'}; add a Local files source storage with the absolute path {folder} "
-            f"(do not sync it); then import {out_dir / 'label_studio_import.json'}.")
+    return ("To see the predictions in Label Studio:\n"
+            f"  1. start it: LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true "
+            f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root} label-studio start\n"
+            f"  2. create a project with the labeling config {out_dir / 'labeling_config.xml'}\n"
+            f"  3. Settings > Cloud Storage > Add Source Storage > Local files, absolute path {folder} "
+            f"(save, do not sync)\n"
+            f"  4. import {out_dir / 'label_studio_import.json'}")
 
 
 def _wait_for_worker(env: dict[str, str], name: str, proc, log_path: Path) -> str:
