@@ -412,3 +412,9 @@ def test_demo_import_file_and_labeling_config_import_into_label_studio_as_docume
         assert image.startswith(f"/data/local-files/?d={folder.name}/")
         served = label_studio.admin.get(image)
         assert served.status_code == 200 and served.content[:2] == b"\xff\xd8", image  # the JPEG itself
+
+
+def test_worker_whose_model_dir_does_not_exist_is_one_line_without_loading_anything(redis_url):
+    out = _cli("worker", REDIS_URL=redis_url, MODEL_DIR="/nonexistent", EGM_ENGINE="hf")
+    assert out.returncode == 1
+    assert "MODEL_DIR /nonexistent does not exist" in _one_error_line(out)

@@ -119,8 +119,16 @@ def _wait_for_worker(env: dict[str, str], name: str, proc, log_path: Path) -> st
     settings = Settings(REDIS_URL=env["REDIS_URL"], EGM_QUEUE_PREFIX=env["EGM_QUEUE_PREFIX"])
     fleet = Fleet.from_settings(settings, connect(settings))
     ours = lambda view: [w.model_version for w in view.ready if w.worker == name]  # noqa: E731
+    said = [0.0]
+
+    def still_loading(view, waited: float) -> None:
+        if waited - said[0] >= 15:
+            said[0] = waited
+            print(f"  still loading the model ({waited:.0f} s; log: {log_path})", flush=True)
+
     view = fleet.wait_for_ready(settings.worker_wait_s, start_timeout_s=settings.worker_start_timeout_s,
-                                poll_s=0.2, check=lambda v: check_alive(name, proc, log_path, v), accept=ours)
+                                poll_s=0.2, check=lambda v: check_alive(name, proc, log_path, v), accept=ours,
+                                on_wait=still_loading)
     return ours(view)[0]
 
 
