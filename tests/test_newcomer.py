@@ -418,3 +418,9 @@ def test_worker_whose_model_dir_does_not_exist_is_one_line_without_loading_anyth
     out = _cli("worker", REDIS_URL=redis_url, MODEL_DIR="/nonexistent", EGM_ENGINE="hf")
     assert out.returncode == 1
     assert "MODEL_DIR /nonexistent does not exist" in _one_error_line(out)
+
+
+def test_serve_on_a_port_in_use_is_one_line(redis_server):
+    out = _cli("serve", "--port", str(redis_server.port), REDIS_URL=redis_server.url)
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{redis_server.port}" in _one_error_line(out)
