@@ -502,7 +502,11 @@ def ensure_tiny_checkpoint(cache_root: Path, *, teach: bool = True,
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tiny-model-build-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_checkpoint(tmp, seed=0, teach=teach, progress=progress)
+    try:
+        build_tiny_checkpoint(tmp, seed=0, teach=teach, progress=progress)
+    except BaseException:  # Ctrl-C or SIGTERM mid-build (the demo prints progress): leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     try:
         os.replace(tmp, target)
