@@ -33,7 +33,7 @@ $(LSVENV)/.installed:
 	@echo "==> creating $(LSVENV) with label-studio==$(LABEL_STUDIO_VERSION) for the end-to-end tests (first run only: a few minutes, about 1 GB)"
 	$(PYTHON) -m venv $(LSVENV)
 	$(LSVENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(LSVENV)/bin/pip install $(PIP_FLAGS) label-studio==$(LABEL_STUDIO_VERSION)
+	$(LSVENV)/bin/pip install $(PIP_FLAGS) label-studio==$(LABEL_STUDIO_VERSION) "sentry-sdk>=2.16,<3"
 	touch $@
 
 install-ls: $(LSVENV)/.installed
