@@ -112,6 +112,19 @@ class LocalWorkers:
         return sorted(versions, key=lambda v: -view.first_seen.get(v, view.now))
 
 
+def model_source(settings: Settings) -> str:
+    """Where local workers get their model from, in words (a hub download can take minutes, or fail)."""
+    if settings.engine in ("hf", "vllm"):
+        if settings.model_dir:
+            return f"{settings.engine} engine, MODEL_DIR {settings.model_dir}"
+        return f"{settings.engine} engine, {settings.model_id} from the Hugging Face Hub: MODEL_DIR is unset"
+    if settings.engine == "openai":
+        from egm.logs import redact
+
+        return f"openai engine, model server {redact(settings.openai_base_url)}"
+    return f"{settings.engine} engine"
+
+
 def choose_version(settings: Settings, options: DriveOptions, printer: ProgressPrinter,
                    workers: LocalWorkers | None = None) -> str:
     """Wait for a ready worker (ours when we started some) and return the version to plan for."""
@@ -188,7 +201,8 @@ def drive(make_run: Callable[[str], BulkRun], settings: Settings, options: Drive
     out = out or sys.stdout
     if options.local_workers > 0:
         log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="egm-prelabel-"))
-        printer.message(f"starting {options.local_workers} local worker(s); logs in {log_dir}")
+        printer.message(f"starting {options.local_workers} local worker(s) ({model_source(settings)}); "
+                        f"logs in {log_dir}")
         with LocalWorkers(settings, options.local_workers, options.worker_env, log_dir, options.devices) as workers:
             return _with_version(make_run, settings, options, printer, out, workers)
     return _with_version(make_run, settings, options, printer, out, None)

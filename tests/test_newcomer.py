@@ -424,3 +424,27 @@ def test_serve_on_a_port_in_use_is_one_line(redis_server):
     out = _cli("serve", "--port", str(redis_server.port), REDIS_URL=redis_server.url)
     assert out.returncode == 1
     assert f"cannot listen on 127.0.0.1:{redis_server.port}" in _one_error_line(out)
+
+
+def test_prelabel_killed_with_sigterm_stops_its_local_workers(redis_url, images, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "egm.cli", "prelabel", "--folder", str(images), "--labels",
+                             "circle", "--local-workers", "1", "--engine", "scripted", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=_env(REDIS_URL=redis_url, EGM_SCRIPTED_DELAY_S="600"))
+    worker_name = f"prelabel-{proc.pid}-0"
+    try:
+        deadline = time.monotonic() + HANG_S
+        seen = []
+        while not any(line.startswith("run ") for line in seen):  # planned: the worker is ready and busy
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen) + proc.stdout.read()
+            seen.append(proc.stderr.readline())
+        assert "scripted engine" in seen[0]  # where the workers' model comes from
+        assert _pids_with(worker_name)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=HANG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "terminated" in err and "resume:" in err
+    assert not _pids_with(worker_name), "the local worker outlived prelabel"
