@@ -84,8 +84,8 @@ def _tiny_model_dir() -> Path:
     if tiny_checkpoint_cached(cache):
         print(f"using the tiny model in {cache}", flush=True)
         return ensure_tiny_checkpoint(cache)
-    print(f"building the tiny model in {cache} (first run only: 240 training steps on the CPU, from about a "
-          f"minute to several on a busy machine; progress below) ...", flush=True)
+    print(f"building the tiny model in {cache} (first run only: 240 training steps on the CPU, one to two "
+          f"minutes on a free machine, up to ten on a busy one; progress below) ...", flush=True)
     return ensure_tiny_checkpoint(cache, progress=step_printer("training step"))
 
 
