@@ -259,10 +259,13 @@ class Settings(BaseSettings):
     )
 
     # --- Logging -------------------------------------------------------------
-    log_level: str = Field("INFO", validation_alias=_env("EGM_LOG_LEVEL", "LOG_LEVEL"),
-                           description="Log level.")
-    log_format: Literal["json", "text"] = Field("json", validation_alias=_env("EGM_LOG_FORMAT"),
-                                                description="json (structured, one object per line) or text.")
+    log_level: str | None = Field(None, validation_alias=_env("EGM_LOG_LEVEL", "LOG_LEVEL"),
+                                  description="Log level; unset: INFO for serve and worker, WARNING for the "
+                                              "other commands (their progress is printed, not logged).")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", validation_alias=_env("EGM_LOG_FORMAT"),
+        description="json (structured, one object per line), text, or auto: json for serve and worker, and for "
+                    "other commands text when stderr is a terminal, json otherwise.")
 
     @property
     def model_path(self) -> str:

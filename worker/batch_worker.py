@@ -182,7 +182,9 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         except Exception as exc:
             reason = failure_reason(exc, settings.secret_values())
             presence.failed(reason)
-            log.error("worker failed to start", extra={"worker": worker_name, "reason": reason}, exc_info=True)
+            # our own errors say all in their reason; anything else gets its traceback in the log
+            log.error("worker failed to start", extra={"worker": worker_name, "reason": reason},
+                      exc_info=not isinstance(exc, (EngineError, IdentityError)))
             if engine is not None:
                 engine.close()
             raise
@@ -252,7 +254,7 @@ def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priori
                                             "engine": engine.name, "model_version": identity.model_version})
             try:
                 worked = worker.work(burst=burst, max_jobs=max_jobs,
-                                     logging_level=settings.log_level.upper()) or worked
+                                     logging_level=(settings.log_level or "INFO").upper()) or worked
                 if worker.reidentify and not worker.stop_asked:
                     previous = identity.model_version
                     try:

@@ -74,18 +74,19 @@ def run_batch(payload: dict) -> dict:
     result = rt.processor.process(job, images=images)
     stats = rt.processor.last_stats
     stats.image_seconds, stats.prefetched = image_wait, prefetched
-    rt.queue.store_result(result)
     written, queued = 0, False
     if job.write_to_label_studio and rt.outbox is not None:
+        rt.queue.store_result(result)
         _check_writable(rt, result)
         rt.outbox.file(job, result, asdict(stats))  # durable before RQ counts the job done
-        queued = True
+        queued = True  # the writer records the batch once written
     elif job.write_to_label_studio:
         written = _write(rt, job.project_id, result)
-    elif job.deliver_late:
-        written = _deliver_late(rt, job, result)
-    if callable(rt.on_batch_done) and not queued:  # else the writer records the batch once written
-        rt.on_batch_done(job, result, stats)
+        _finish(rt, job, result, stats)
+    else:
+        _finish(rt, job, result, stats)
+        if job.deliver_late:
+            written = _deliver_late(rt, job, result)  # after storing: the handshake with /predict needs it
     ok = sum(r.status == "ok" for r in result.results)
     log.info("batch done", extra={"job_id": job.job_id, "priority": job.priority.value, "tasks": len(job.tasks),
                                   "ok": ok, "failed": len(job.tasks) - ok, "written": written,
@@ -94,6 +95,15 @@ def run_batch(payload: dict) -> dict:
                                   "image_s": round(stats.image_seconds, 4), "prefetched": prefetched})
     return {"job_id": job.job_id, "ok": ok, "failed": len(job.tasks) - ok, "written": written,
             "write_queued": queued}
+
+
+def _finish(rt: Runtime, job: BatchJob, result: BatchResult, stats: BatchStats) -> None:
+    """Finish a batch: record it (run progress, retries, the /metrics counters), then store its result.
+    In this order, because a stored result is what answers ``/predict``: whoever sees the result sees
+    the batch counted."""
+    if callable(rt.on_batch_done):
+        rt.on_batch_done(job, result, stats)
+    rt.queue.store_result(result)
 
 
 def write_entry(entry: Entry, rt: Runtime | None = None) -> int:

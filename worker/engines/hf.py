@@ -393,7 +393,7 @@ def load_model(model_path: str, device, dtype) -> tuple[Any, Any]:
     except (OSError, ValueError) as exc:
         where = "local folder" if local.is_dir() else "folder or Hugging Face Hub id"
         raise EngineError(
-            f"could not load the model from {model_path!r} ({where}): {exc}. "
+            f"could not load the model from {model_path!r} ({where}): {str(exc).strip().rstrip('.')}. "
             "Download the checkpoint and set MODEL_DIR to its folder (or EGM_MODEL_ID to a reachable hub id)."
         ) from exc
     return model.eval(), processor
