@@ -223,6 +223,16 @@ class Settings(BaseSettings):
         description="How long a writer holds an outbox entry without renewing it before any worker may take the "
                     "entry over (renewed every third of it while the write runs).",
     )
+    preempt_interactive: bool = Field(
+        True, validation_alias=_env("EGM_PREEMPT_INTERACTIVE"),
+        description="A worker serving both queues runs a waiting interactive job during a pause of the bulk batch "
+                    "on its engine (hf, scripted: every few decode steps and inside the prefill) instead of after "
+                    "the batch; the bulk batch's answers do not change. See docs/gpu.md.",
+    )
+    preempt_check_s: float = Field(
+        0.05, validation_alias=_env("EGM_PREEMPT_CHECK_S"), ge=0.0,
+        description="How often, at most, a paused bulk batch looks at the interactive queue (one Redis LINDEX).",
+    )
     outbox_max_pending: int = Field(
         4, validation_alias=_env("EGM_OUTBOX_MAX_PENDING"), ge=1,
         description="A worker with this many unwritten bulk results waits before filing another (Label Studio "
