@@ -151,10 +151,14 @@ class Settings(BaseSettings):
     bulk_batch_size: int = Field(
         64, validation_alias=_env("EGM_BULK_BATCH_SIZE"),
         description="Tasks per bulk batch job (prelabel). Large jobs amortise the Label Studio write "
-                    "(one import request per job); the engine still runs EGM_BATCH_SIZE images at a time.",
+                    "(one import request per job); the engine still runs EGM_BATCH_SIZE images at a time. "
+                    "Default = EGM_BATCH_SIZE: one job is one engine batch (why: docs/configuration.md).",
     )
-    batch_size: int = Field(8, validation_alias=_env("EGM_BATCH_SIZE"),
-                            description="Images per engine call, and tasks per interactive batch job.")
+    batch_size: int = Field(64, validation_alias=_env("EGM_BATCH_SIZE"),
+                            description="Images per engine call (the hf engine's largest batch bucket), and tasks "
+                                        "per interactive batch job. 64 from the GPU measurements "
+                                        "(docs/configuration.md, Batch sizes); raise to 128-256 on a card with "
+                                        "room for the KV cache.")
     compile: bool = Field(False, validation_alias=_env("EGM_COMPILE"),
                           description="hf engine: static KV cache + torch.compile of the decode step (GPU).")
     openai_base_url: str = Field("http://127.0.0.1:8000/v1", validation_alias=_env("EGM_OPENAI_BASE_URL"),
