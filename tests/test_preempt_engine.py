@@ -58,16 +58,17 @@ def test_a_batch_run_in_every_pause_changes_neither_batch(engine, requests_, out
     paused_ws: list = []
 
     def pause() -> None:
-        paused_ws.append(decoder._workspaces[decoder._active[0]])
+        if decoder._active:  # the first pause comes before the chunk, outside the decoder
+            paused_ws.append(decoder._workspaces[decoder._active[0]])
         during.append(answers(engine.generate(inner_reqs)))
 
     assert answers(engine.generate(outer_reqs, between_steps=pause)) == outer_alone
     # before the chunk, before the prefill, after each text layer but the last, every 8 decode steps
     layers = engine.model.config.text_config.num_hidden_layers
-    assert len(during) == 1 + 1 + (layers - 1) + 24 // hf_fast.FINISH_CHECK_EVERY - 1
+    assert len(during) == 1 + 1 + (layers - 1) + 24 // hf_fast.FINISH_CHECK_EVERY
     assert all(d == inner_alone for d in during)
     # the paused batch kept its workspace (the same buffers) through every pause
-    assert all(ws is paused_ws[1] for ws in paused_ws[1:])
+    assert len(paused_ws) == len(during) - 1 and all(ws is paused_ws[0] for ws in paused_ws)
     assert not decoder._active
 
 
@@ -135,3 +136,23 @@ def test_the_scripted_engine_pauses_during_its_simulated_gpu_time(requests_) -> 
     out = engine.generate(requests_[:2], between_steps=lambda: inner.append(engine.generate(requests_[2:3])))
     assert len(inner) >= 2 and all(len(i) == 1 and i[0].text for i in inner)
     assert [o.text for o in out] == [o.text for o in ScriptedEngine().generate(requests_[:2])]
+
+
+def test_the_vision_tower_runs_in_chunks_with_pauses_between(engine, requests_, monkeypatch) -> None:
+    """With a hook the vision tower runs VISION_CHUNK images at a time (here 1): a pause after each
+    chunk, the paused batch's answers identical whether or not a batch ran in those pauses, and the
+    same as the unchunked tower's."""
+    monkeypatch.setattr(hf_fast, "VISION_CHUNK", 1)
+    outer, inner = requests_[:3], requests_[3:]
+    unchunked = answers(engine.generate(outer))
+    quiet_pauses: list[int] = []
+    chunked = answers(engine.generate(outer, between_steps=lambda: quiet_pauses.append(1)))
+    busy: list = []
+    preempted = answers(engine.generate(outer, between_steps=lambda: busy.append(answers(engine.generate(inner)))))
+    layers = engine.model.config.text_config.num_hidden_layers
+    assert len(quiet_pauses) == len(busy) == 1 + 1 + 3 + (layers - 1) + 24 // hf_fast.FINISH_CHECK_EVERY
+    assert preempted == chunked  # exactly: nothing run in a pause changes the paused batch
+    assert [t for t, _ in chunked] == [t for t, _ in unchunked]
+    for (_, a), (_, b) in zip(chunked, unchunked):
+        assert np.allclose(a, b, atol=1e-5)
+    assert all(b == answers(engine.generate(inner)) for b in busy)

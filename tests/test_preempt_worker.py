@@ -8,6 +8,7 @@ its result is stored before the bulk batch's (ordering, not timing), through RQ 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,40 @@ def test_a_failing_interactive_job_fails_through_rq_and_the_bulk_batch_goes_on(s
     rq_job = Job.fetch(interactive.job_id, connection=queue.redis, serializer=JSONSerializer)
     assert rq_job.get_status() == "failed"
     assert queue.result(bulk.job_id) is not None and all(r.status == "ok" for r in queue.result(bulk.job_id).results)
+
+
+def test_an_interactive_jobs_images_do_not_wait_behind_a_bulk_prefetch(settings):
+    """The prefetcher has a lane per priority: while the next bulk job's images are still loading,
+    the interactive job's are loaded (and taken) on their own lane."""
+    import threading
+
+    from egm.worker.prefetch import Prefetcher
+
+    queue = QueueClient(settings)
+    images = sample_images()
+    running, next_bulk = batch_job(images[:1]), batch_job(images[1:3])
+    interactive = batch_job(images[3:4], priority=Priority.interactive)
+    for job in (next_bulk, interactive):
+        queue.enqueue(job)
+    release = threading.Event()
+
+    def load(job):
+        if job.priority == Priority.bulk:
+            assert release.wait(30)  # a slow bulk load: 64 photos from a slow store
+        return [f"images of {job.job_id}"]
+
+    prefetcher = Prefetcher(queue, load, "w-test", model_version=running.model_version)
+    try:
+        assert prefetcher.look_ahead(running.job_id) == interactive.job_id  # interactive first, both started
+        assert prefetcher.loading(next_bulk.job_id) is True
+        deadline = time.monotonic() + 10
+        while prefetcher.loading(interactive.job_id) and time.monotonic() < deadline:
+            release.wait(0.01)
+        assert prefetcher.loading(interactive.job_id) is False  # ready while the bulk load still runs
+        assert prefetcher.loading(next_bulk.job_id) is True
+        assert prefetcher.take(interactive) == [f"images of {interactive.job_id}"]
+        assert prefetcher.loading(interactive.job_id) is None  # taken: not held any more
+    finally:
+        release.set()
+        prefetcher.close()
+    assert prefetcher.take(next_bulk) == [f"images of {next_bulk.job_id}"]

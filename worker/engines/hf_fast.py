@@ -21,7 +21,8 @@ Pausing for other work (``between_steps``, issue 13): :meth:`StaticCacheDecoder.
 given a callable that it calls at points where the batch can wait: before the prefill, every
 ``PREFILL_CHECK_EVERY`` text layers of the prefill and every ``FINISH_CHECK_EVERY`` decode steps
 (on the GPU after a sync, so whatever the callable runs does not queue behind the rest of this
-batch). The worker uses it to run an interactive job to completion in the middle of a bulk batch.
+batch); with such a callable the vision tower runs ``VISION_CHUNK`` images at a time with a pause
+between. The worker uses it to run an interactive job to completion in the middle of a bulk batch.
 That callable may call :meth:`generate` again (one level deep, never deeper): the inner batch gets
 a workspace of its own (a second one of the same bucket if the paused batch holds that bucket's),
 the least-recently-used eviction of workspaces never evicts a paused batch's, and the paused
@@ -56,6 +57,8 @@ LEN_CHUNK = 128
 FINISH_CHECK_EVERY = 8
 #: with a ``between_steps`` callable, the prefill offers a pause once per this many text layers
 PREFILL_CHECK_EVERY = 6
+#: ... and the vision tower runs this many images at a time, with a pause between
+VISION_CHUNK = 16
 #: generate() calls may nest this deep (a paused batch and the one that runs meanwhile)
 MAX_NESTING = 2
 
@@ -526,14 +529,13 @@ class StaticCacheDecoder:
         embeds = F.embedding(ids, step.embed)
         visual, deepstack = None, []
         if inputs.get("pixel_values") is not None:
-            feats = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                        return_dict=True)
-            image_embeds = torch.cat(feats.pooler_output, dim=0).to(embeds.dtype)
+            pooled, deep = self._image_features(inputs["pixel_values"], inputs["image_grid_thw"], pause)
+            image_embeds = torch.cat(pooled, dim=0).to(embeds.dtype)
             visual = ids == self.model.config.image_token_id
             if int(visual.sum()) != image_embeds.shape[0]:
                 raise ValueError(f"{int(visual.sum())} image tokens but {image_embeds.shape[0]} image features")
             embeds = embeds.masked_scatter(visual.unsqueeze(-1), image_embeds)
-            deepstack = [d.to(embeds.dtype) for d in feats.deepstack_features]
+            deepstack = [d.to(embeds.dtype) for d in deep]
         args = (embeds, pos3, inputs["attention_mask"], visual, deepstack, ws.keys, ws.values)
         try:
             logits = step.prefill(*args, between_layers=pause)
@@ -543,6 +545,34 @@ class StaticCacheDecoder:
             self._drop_inductor(exc)
             raise _StartOver from exc
         return logits, pos3
+
+    def _image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                        pause: Pause | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The vision tower (the model's own): per-image features and the DeepStack features.
+
+        With ``pause`` it runs ``VISION_CHUNK`` images at a time and offers a pause between the
+        chunks, so the vision tower of a large batch is not one long stretch nothing can
+        interrupt. Images never attend to each other in the tower (per-image attention), so the
+        chunks compute the same features; a batch run with a ``between_steps`` hook always runs
+        in chunks, whether or not anything runs in its pauses."""
+        get = self.model.model.get_image_features
+        n = grid_thw.shape[0]
+        if pause is None or n <= VISION_CHUNK:
+            feats = get(pixel_values, grid_thw, return_dict=True)
+            return list(feats.pooler_output), list(feats.deepstack_features)
+        rows = grid_thw.prod(-1).tolist()  # patch rows of each image, concatenated in image order
+        pooled: list[torch.Tensor] = []
+        deep_parts: list[list[torch.Tensor]] = []
+        row = 0
+        for start in range(0, n, VISION_CHUNK):
+            take = sum(rows[start:start + VISION_CHUNK])
+            feats = get(pixel_values[row:row + take], grid_thw[start:start + VISION_CHUNK], return_dict=True)
+            row += take
+            pooled.extend(feats.pooler_output)
+            deep_parts.append(list(feats.deepstack_features))
+            pause()
+        deep = [torch.cat([part[i] for part in deep_parts], dim=0) for i in range(len(deep_parts[0]))]
+        return pooled, deep
 
     def _load_state(self, ws: _Workspace, attention_mask, pos3, first, first_lp, n: int) -> None:
         prompt_len = attention_mask.shape[1]
