@@ -71,6 +71,9 @@ class BatchWorker(SimpleWorker):
     reidentify: bool = False
     #: called between jobs: fails overdue jobs of versions no live worker serves (egm.unserved).
     sweep = None
+    #: (job, execution) of the jobs in progress: the running one, and one run in a pause of its batch.
+    #: Replaced, never mutated: the heartbeat thread reads it.
+    _running: list = []
 
     def handle_warm_shutdown_request(self) -> None:
         self.stop_asked = True
@@ -108,17 +111,17 @@ class BatchWorker(SimpleWorker):
     # -- jobs in progress: the running one and, during a pause of its batch, an interactive one ----------
     def prepare_execution(self, job: Job):
         execution = super().prepare_execution(job)
-        self._running = [*getattr(self, "_running", []), (job, execution)]
+        self._running = [*self._running, (job, execution)]
         return execution
 
     def cleanup_execution(self, job: Job, pipeline) -> None:
         super().cleanup_execution(job, pipeline)
-        self._running = [(j, e) for j, e in getattr(self, "_running", []) if j.id != job.id]
+        self._running = [(j, e) for j, e in self._running if j.id != job.id]
 
     def run_inline(self, job: Job, queue: Queue) -> None:
         """Run a dequeued job to completion inside the job in progress (whose batch is paused), through
         RQ as :meth:`execute_job` would; then give the paused job back its execution, name and alarm."""
-        outer = list(getattr(self, "_running", []))
+        outer = list(self._running)
         if len(outer) != 1:
             raise RuntimeError("run_inline needs exactly one job in progress")
         outer_job, outer_execution = outer[0]
@@ -160,7 +163,7 @@ class BatchWorker(SimpleWorker):
 
     def _beat_running(self) -> None:
         """RQ's maintain_heartbeats for every job in progress (it knows only ``self.execution``)."""
-        running = list(getattr(self, "_running", []))
+        running = list(self._running)
         if not running:
             return
         with self.connection.pipeline() as pipeline:
@@ -198,8 +201,8 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
     if settings.prefetch:
         rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order,
                                    model_version=identity.model_version)
-    if settings.preempt_interactive and engine.pauses and Priority.interactive in (order or [Priority.interactive]) \
-            and Priority.bulk in (order or [Priority.bulk]):
+    served = order or [Priority.interactive, Priority.bulk]
+    if settings.preempt_interactive and engine.pauses and Priority.interactive in served and Priority.bulk in served:
         rt.preemptor = Preemptor(queue, identity.model_version, check_every_s=settings.preempt_check_s,
                                  prefetcher=rt.prefetcher)
     if settings.write_behind:
@@ -307,7 +310,7 @@ def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priori
             worker = _new_worker(settings, queue, name, order, engine, identity)
             if rt.preemptor is not None:
                 rt.preemptor.run_inline = worker.run_inline
-                rt.preemptor.stopping = lambda w=worker: w.stop_asked or w._stop_requested
+                rt.preemptor.stopping = lambda w=worker: w.stop_asked
             log.info("worker ready", extra={"worker": name, "queues": [q.name for q in worker.queues],
                                             "engine": engine.name, "model_version": identity.model_version})
             try:
