@@ -210,3 +210,33 @@ def test_an_interactive_jobs_images_do_not_wait_behind_a_bulk_prefetch(settings)
         release.set()
         prefetcher.close()
     assert prefetcher.take(next_bulk) == [f"images of {next_bulk.job_id}"]
+
+
+def test_the_hook_looks_at_the_queue_at_most_every_check_period(settings, monkeypatch):
+    """A pause costs one LINDEX at most every EGM_PREEMPT_CHECK_S; a job found is popped off the
+    queue and handed to the worker's run_inline, once."""
+    from egm.worker import preempt
+
+    queue = QueueClient(settings)
+    clock = [100.0]
+    monkeypatch.setattr(preempt.time, "monotonic", lambda: clock[0])
+    ran: list[str] = []
+    hook = preempt.Preemptor(queue, version_of(), check_every_s=0.05)
+    hook.run_inline = lambda job, q: ran.append(job.id)
+    assert hook.hook_for("bulk-1", Priority.interactive) is None  # only bulk batches pause
+    pause = hook.hook_for("bulk-1", Priority.bulk)
+    pause()  # looks: nothing waiting
+    interactive = batch_job(sample_images()[:1], priority=Priority.interactive)
+    queue.enqueue(interactive)
+    clock[0] += 0.01
+    pause()  # within the period: does not look
+    assert ran == [] and queue.queue(Priority.interactive, interactive.model_version).count == 1
+    clock[0] += 0.05
+    pause()
+    assert ran == [interactive.job_id] and hook.taken == 1
+    assert queue.queue(Priority.interactive, interactive.model_version).count == 0
+    hook.stopping = lambda: True  # a worker asked to stop takes nothing more
+    queue.enqueue(batch_job(sample_images()[:1], priority=Priority.interactive))
+    clock[0] += 1
+    pause()
+    assert ran == [interactive.job_id]
