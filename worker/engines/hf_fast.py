@@ -552,9 +552,11 @@ class StaticCacheDecoder:
 
         With ``pause`` it runs ``VISION_CHUNK`` images at a time and offers a pause between the
         chunks, so the vision tower of a large batch is not one long stretch nothing can
-        interrupt. Images never attend to each other in the tower (per-image attention), so the
-        chunks compute the same features; a batch run with a ``between_steps`` hook always runs
-        in chunks, whether or not anything runs in its pauses."""
+        interrupt. Images never attend to each other in the tower (per-image attention and
+        positions), so the chunks compute the same features up to the rounding of matrix
+        products of another shape (in bf16 on a GPU; the same kind of difference as putting an
+        image in a batch of another size). A batch run with a ``between_steps`` hook always runs
+        in chunks, whether or not anything runs in its pauses, so a pause changes nothing."""
         get = self.model.model.get_image_features
         n = grid_thw.shape[0]
         if pause is None or n <= VISION_CHUNK:
