@@ -93,7 +93,7 @@ def parse_args(argv):
     ap.add_argument("--interactive-images", type=int, default=None,
                     help="photos in that run (default 1024; tiny 16)")
     ap.add_argument("--interactive-every", type=float, default=None, help="mean seconds between interactive jobs "
-                    "(default 1.0; tiny 0.3)")
+                    "(default 1.5, as in the earlier run; tiny 0.3)")
     ap.add_argument("--interactive-requests", type=int, default=None,
                     help="interactive jobs per mode (default 30; quick 20; tiny 6)")
     ap.add_argument("--interactive-modes", default=None,
@@ -114,7 +114,7 @@ def parse_args(argv):
     if args.interactive_batch is None:
         args.interactive_batch = 4 if tiny else 64
     args.interactive_images = args.interactive_images or (16 if tiny else 512 if quick else 1024)
-    args.interactive_every = args.interactive_every or (0.3 if tiny else 1.0)
+    args.interactive_every = args.interactive_every or (0.3 if tiny else 1.5)
     args.interactive_requests = args.interactive_requests or (6 if tiny else 20 if quick else 30)
     args.interactive_modes = [m for m in (args.interactive_modes or "preempt,shared").split(",") if m]
     unknown = set(args.interactive_modes) - set(MODES)
