@@ -27,7 +27,7 @@ On the GPU machine (after ``bash bench/gpu_deps/install.sh && . /tmp/egm-gpu/env
 
 Phases run in that order and are skipped once ``--budget-s`` is spent (the device call's limit).
 
-``--quick`` fits ~200 s of GPU time including model load: 512 photos, batch 64, engine only
+``--quick`` fits ~200 s of GPU time including model load: 640 photos per run, batch 64, engine only
 not timed (``--with-engine-only`` adds it), no separate end-to-end run (the interactive runs are
 bulk runs of batch 64 and report their rate), 20 interactive requests with preemption on, then off.
 
@@ -77,7 +77,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU, few small photos (smoke test)")
-    ap.add_argument("--quick", action="store_true", help="~200 s on the GPU: 512 photos, batch 64, interactive "
+    ap.add_argument("--quick", action="store_true", help="~200 s on the GPU: 640 photos, batch 64, interactive "
                     "latency with preemption on and off (no engine-only timing, no separate end-to-end run)")
     ap.add_argument("-n", "--images", type=int, default=None, help="photos per bulk run (default 2048; tiny 24)")
     ap.add_argument("--size", default=None, help="photo size WxH (default 1920x1080; tiny 320x240)")
@@ -113,7 +113,7 @@ def parse_args(argv):
     args.engine_calls = args.engine_calls or (2 if quick else 3)
     if args.interactive_batch is None:
         args.interactive_batch = 4 if tiny else 64
-    args.interactive_images = args.interactive_images or (16 if tiny else 512 if quick else 1024)
+    args.interactive_images = args.interactive_images or (16 if tiny else 640 if quick else 1024)
     args.interactive_every = args.interactive_every or (0.3 if tiny else 1.5)
     args.interactive_requests = args.interactive_requests or (6 if tiny else 20 if quick else 30)
     args.interactive_modes = [m for m in (args.interactive_modes or "preempt,shared").split(",") if m]
