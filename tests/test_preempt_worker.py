@@ -240,3 +240,36 @@ def test_the_hook_looks_at_the_queue_at_most_every_check_period(settings, monkey
     clock[0] += 1
     pause()
     assert ran == [interactive.job_id]
+
+
+def test_both_jobs_are_running_and_kept_alive_while_the_interactive_one_runs_in_a_pause(settings, monkeypatch):
+    """Inside the pause RQ knows both jobs as started, and the heartbeat covers both: a long
+    interactive job cannot make the paused bulk job look abandoned (nor the other way round)."""
+    queue = QueueClient(settings)
+    bulk, interactive = _jobs(settings, ScriptedEngine())
+    seen: dict = {}
+    real = jobs.run_batch
+
+    def run_batch(payload):
+        if payload["priority"] == "interactive":
+            worker = jobs.runtime().preemptor.run_inline.__self__
+            seen["running"] = [j.id for j, _ in worker._running]
+            registries = {p: StartedJobRegistry(queue=queue.queue(p, bulk.model_version))
+                          for p in (Priority.bulk, Priority.interactive)}
+            before = {p: dict(queue.redis.zrange(r.key, 0, -1, withscores=True)) for p, r in registries.items()}
+            time.sleep(1.1)
+            worker._beat_running()
+            after = {p: dict(queue.redis.zrange(r.key, 0, -1, withscores=True)) for p, r in registries.items()}
+            seen["started"] = {p.value: r.get_job_ids() for p, r in registries.items()}
+            seen["renewed"] = {p.value: all(after[p][k] > v for k, v in before[p].items()) and bool(before[p])
+                               for p in registries}
+        return real(payload)
+
+    monkeypatch.setattr(jobs, "run_batch", run_batch)
+    engine = ArrivesDuringDecoding(ScriptedEngine(delay_s=0.3), queue, interactive, arrive_at=1)
+    queue.enqueue(bulk)
+    assert run_worker(settings, engine=engine, burst=True)
+    assert seen["running"] == [bulk.job_id, interactive.job_id]
+    assert seen["started"] == {"bulk": [bulk.job_id], "interactive": [interactive.job_id]}
+    assert seen["renewed"] == {"bulk": True, "interactive": True}
+    assert queue.result(interactive.job_id).finished_at < queue.result(bulk.job_id).finished_at
