@@ -8,6 +8,9 @@ loaded while the previous batch ran (:mod:`egm.worker.prefetch`) and starts load
 job's, and a bulk job hands its Label Studio write to the outbox (:mod:`egm.worker.outbox`)
 instead of waiting for it; the background writer then writes and records the run's progress
 (:func:`write_entry`).
+
+A bulk batch offers the engine a pause hook (:mod:`egm.worker.preempt`): a waiting interactive
+job runs through this same function inside the bulk batch's engine call.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from egm.runs import RunStore
 from egm.worker.delivery import LabelStudioWriter
 from egm.worker.outbox import BackgroundWriter, Entry
 from egm.worker.pipeline import BatchProcessor, BatchStats
+from egm.worker.preempt import Preemptor
 from egm.worker.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,8 @@ class Runtime:
     prefetcher: Prefetcher | None = None
     #: writes bulk predictions in the background from the Redis outbox (None: the job writes them)
     outbox: BackgroundWriter | None = None
+    #: runs waiting interactive jobs during pauses of bulk batches (None: they wait for the batch)
+    preemptor: Preemptor | None = None
 
 
 _RUNTIME: Runtime | None = None
@@ -71,9 +77,13 @@ def run_batch(payload: dict) -> dict:
     image_wait = time.perf_counter() - t0
     if rt.prefetcher is not None:
         rt.prefetcher.look_ahead(job.job_id)  # the next job's images load while the engine runs this one
-    result = rt.processor.process(job, images=images)
+    pause = rt.preemptor.hook_for(job.job_id, job.priority) if rt.preemptor is not None else None
+    paused_before = rt.preemptor.seconds if pause is not None else 0.0
+    result = rt.processor.process(job, images=images, between_steps=pause)
     stats = rt.processor.last_stats
     stats.image_seconds, stats.prefetched = image_wait, prefetched
+    if pause is not None:  # the interactive jobs run in its pauses are not this batch's GPU time
+        stats.gpu_seconds = max(0.0, stats.gpu_seconds - (rt.preemptor.seconds - paused_before))
     written, queued = 0, False
     if job.write_to_label_studio and rt.outbox is not None:
         rt.queue.store_result(result)
