@@ -50,7 +50,7 @@ test: install install-ls check-redis
 # The compose stack built and driven end to end (tests/docker/test_stack.py, docs/deployment.md
 # "Testing the stack"): needs root or a running Docker daemon, Docker Compose 2.24.4+, and a Debian
 # mirror and PyPI for the image builds. Not part of `make test` (nor CI): about 50 min on 2 cores
-# from nothing (the Label Studio stand-in), 16 with the base images kept, 4 with every image built.
+# from nothing (the Label Studio stand-in), 11 with the base images kept, 3.5 with every image built.
 test-docker: install
 	EGM_TEST_DOCKER=1 $(VENV)/bin/pytest -q tests/docker/test_stack.py
 
