@@ -27,7 +27,8 @@ from egm.backend.webhook import WebhookHandler
 from egm.backend.webhook_auth import ensure_webhook_auth
 from egm.config.settings import Settings, get_settings
 from egm.fleet import FleetError
-from egm.logs import configure_logging, redact
+from egm.logs import configure_logging
+from egm.redaction import redact
 from egm.prompts import PromptError
 from egm.queue import QueueClient
 

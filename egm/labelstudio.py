@@ -35,6 +35,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from egm.redaction import redact
+
 if TYPE_CHECKING:  # pragma: no cover
     from egm.config.settings import Settings
 
@@ -419,10 +421,7 @@ class LabelStudioClient:
         return attempt + 1
 
     def _redact(self, text: str, extra: Iterable[str] = ()) -> str:
-        for secret in [*self._auth.secrets(), *extra]:
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
+        return redact(text, [*self._auth.secrets(), *extra])
 
     def _error(self, message: str, method: str, path: str, status_code: int | None = None,
                extra_secrets: Iterable[str] = ()) -> LabelStudioError:

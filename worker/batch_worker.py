@@ -38,7 +38,7 @@ from egm.config.settings import Settings
 from egm.contract import Priority
 from egm.fleet import Fleet
 from egm.identity import ModelIdentity
-from egm.logs import redact
+from egm.redaction import redact
 from egm.queue import QueueClient
 from egm.unserved import fail_unserved
 from egm.worker import jobs

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from PIL import Image
 
+from egm.redaction import redact
 from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
 from egm.worker.engines.common import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes, to_rgb
 
@@ -240,7 +241,7 @@ class OpenAICompatEngine(Engine):
 
     # -- secrets never leave this object --
     def _redact(self, message: str) -> str:
-        return message.replace(self._api_key, "***") if self._api_key else message
+        return redact(message, [self._api_key] if self._api_key else [])
 
     def _backoff(self, attempt: int, failure: _Failure) -> float:
         delay = self.backoff_s * (2 ** (attempt - 1)) * (1 + 0.1 * random.random())
