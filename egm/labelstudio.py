@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from egm.backoff import backoff_s
 from egm.redaction import redact
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 _ACCESS_TOKEN_MARGIN_S = 30.0
 #: Longest slice of a server reply quoted in an error message.
 _DETAIL_CHARS = 400
+#: longest wait between two tries of one call (before jitter).
+MAX_BACKOFF_S = 8.0
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
@@ -414,7 +416,7 @@ class LabelStudioClient:
         return self.url + "/" + path.lstrip("/")
 
     def _backoff(self, attempt: int, method: str, path: str, why: str) -> int:
-        delay = min(self.backoff_s * (2 ** attempt), 8.0) * (0.5 + random.random() / 2)
+        delay = backoff_s(attempt + 1, self.backoff_s, MAX_BACKOFF_S, jitter=0.5)
         log.warning("label studio %s %s failed (%s); retry %d/%d in %.2fs", method, _path_only(path), why,
                     attempt + 1, self.retries, delay)
         time.sleep(delay)

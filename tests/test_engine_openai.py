@@ -287,15 +287,14 @@ def test_broken_image_fails_only_its_request(server):
     assert outputs[1].error is None
 
 
-def test_sampling_sends_n_and_keeps_extra_samples(server):
-    engine = OpenAICompatEngine(server.base_url, DecodingConfig(temperature=0.7, num_samples=3, top_k=0),
-                                max_pixels=MAX_PIXELS)
+def test_sampling_asks_one_answer_per_request(server):
+    """K samples are K requests made by the pipeline, not the API's ``n``."""
+    engine = OpenAICompatEngine(server.base_url, DecodingConfig(temperature=0.7, top_k=0), max_pixels=MAX_PIXELS)
     out = engine.generate(make_requests(1))[0]
     engine.close()
     body = server.stats.requests[0]
-    assert body["n"] == 3 and body["temperature"] == 0.7 and "top_k" not in body
-    assert len(out.extra["samples"]) == 2
-    assert all("".join(s["tokens"]) == s["text"] for s in out.extra["samples"])
+    assert "n" not in body and body["temperature"] == 0.7 and "top_k" not in body
+    assert "samples" not in out.extra and "".join(out.tokens) == out.text
 
 
 def test_empty_batch_makes_no_calls(server):

@@ -34,6 +34,7 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
+from egm.backoff import backoff_s
 from egm.config.settings import Settings
 from egm.contract import Priority
 from egm.fleet import Fleet
@@ -287,15 +288,15 @@ def _wait_for_redis(connection: redis.Redis, max_delay_s: float = 10.0) -> bool:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        delay = 0.5
-        while not stop.wait(delay):
+        waits = 1
+        while not stop.wait(backoff_s(waits, 0.5, max_delay_s)):
             try:
                 if connection.ping():
                     log.info("Redis is back; resuming")
                     return True
             except redis.RedisError:
                 pass
-            delay = min(delay * 2, max_delay_s)
+            waits += 1
         return False
     finally:
         for sig, handler in previous.items():

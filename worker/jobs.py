@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from egm.backoff import backoff_s
 from egm.contract import LS_REFUSED, LS_UNAVAILABLE, VERSION_UNSERVED, BatchJob, BatchResult, TaskResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
@@ -184,7 +185,7 @@ def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
     """
     patience = rt.processor.settings.ls_outage_wait_s
     give_up_at = time.monotonic() + patience
-    delay = 1.0
+    waits = 0
     while True:
         try:
             report = rt.writer.write(project_id, result.results, result.model_version, owner=result.job_id)
@@ -192,13 +193,14 @@ def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
         except LabelStudioError as exc:
             if not _transient(exc):
                 return _fail_unwritten(rt, result, str(exc), LS_REFUSED)
+            waits += 1
+            delay = backoff_s(waits, 1.0, 15.0)
             if time.monotonic() + delay > give_up_at:
                 return _fail_unwritten(rt, result, f"Label Studio unavailable for {patience:.0f} s: {exc}",
                                        LS_UNAVAILABLE)
             log.warning("Label Studio write failed; waiting for it", extra={
                 "job_id": result.job_id, "retry_in_s": delay, "error": str(exc)})
             time.sleep(delay)
-            delay = min(delay * 2, 15.0)
     for r in result.results:
         if r.task_id in report.refused:
             r.status, r.error_kind = "failed", LS_REFUSED

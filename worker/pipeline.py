@@ -229,10 +229,8 @@ _SEVERITY = [ParseStatus.ok, ParseStatus.no_boxes, ParseStatus.repaired, ParseSt
 
 
 def _sample_texts(out, extra_outputs: list, wanted: int) -> list[str]:
-    """Up to ``wanted`` extra answers: those the engine sampled itself (``extra["samples"]``), then the
-    answers to the repeated requests."""
-    texts = [s.get("text") for s in (out.extra or {}).get("samples", []) if isinstance(s, dict)]
-    texts += [e.text for e in extra_outputs if not e.error]
+    """Up to ``wanted`` extra answers: those to the repeated requests (the K-sample mechanism)."""
+    texts = [e.text for e in extra_outputs if not e.error]
     return [t for t in texts if isinstance(t, str)][:wanted]
 
 

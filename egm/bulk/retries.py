@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 
+from egm.backoff import backoff_s
 from egm.config.settings import Settings
 from egm.contract import LS_UNAVAILABLE, BatchJob, BatchResult, TaskResult, redis_key
 from egm.queue import QueueClient
@@ -37,10 +38,6 @@ def is_transient(result: TaskResult) -> bool:
     # Label Studio down longer than the worker waits (worker.jobs) is transient: the prediction can be
     # written later. A prediction Label Studio *refused* (LS_REFUSED: the task was deleted) stays failed.
     return kind in TRANSIENT_KINDS
-
-
-def backoff_s(base_s: float, attempt: int) -> float:
-    return min(MAX_BACKOFF_S, base_s * (2 ** max(0, attempt - 1)))
 
 
 class RetryScheduler:
@@ -72,7 +69,7 @@ class RetryScheduler:
         retry = job.model_copy(update={
             "job_id": f"{job.run_id}-retry-{uuid.uuid4().hex[:12]}",
             "tasks": [by_key[k] for k in again], "created_at": time.time()})
-        due = time.time() + backoff_s(self.settings.task_retry_backoff_s, attempt)
+        due = time.time() + backoff_s(attempt, self.settings.task_retry_backoff_s, MAX_BACKOFF_S)
         self.queue.redis.zadd(self.key, {retry.model_dump_json(): due})
         log.info("tasks scheduled for retry", extra={"run_id": job.run_id, "tasks": len(again),
                                                      "attempt": attempt, "due_in_s": round(due - time.time(), 1)})

@@ -21,14 +21,15 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """Decoding settings; part of ``model_version``. temperature 0 = greedy, as EGM is evaluated."""
+    """Decoding settings; part of ``model_version``. temperature 0 = greedy, as EGM is evaluated.
+
+    One answer per request: K sampled answers for the uncertainty score are K requests, made
+    by the batch pipeline (``EGM_UNCERTAINTY_SAMPLES``), the same on every engine."""
 
     max_new_tokens: int = 1024
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 20
-    #: number of sampled answers per request (K > 1 enables disagreement-based uncertainty).
-    num_samples: int = 1
 
     @property
     def greedy(self) -> bool:

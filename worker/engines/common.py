@@ -19,18 +19,6 @@ THINK_END = "</think>"
 THINK_START = "<think>"
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparent areas become white (as Qwen's own image loader does)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
 def fitted_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     """Largest size with the same aspect ratio and at most ``max_pixels`` pixels (never upscales)."""
     if width <= 0 or height <= 0:

@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from egm.contract import LabelTarget
+from egm.images.decode import to_rgb
 from egm.parsing import parse_completion
 from egm.prompts import PromptTemplates
 from egm.queries import build_queries
@@ -100,4 +101,4 @@ def evaluate(model: Any, processor: Any, heldout: HeldOut, modes: tuple[str, ...
 
 def _load(path: Path) -> Image.Image:
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
