@@ -25,7 +25,7 @@ from egm.bulk.progress import ProgressPrinter, format_duration
 from egm.bulk.runner import BulkRun, RunOutcome
 from egm.fleet import Fleet, FleetError, FleetView, NoLiveWorker, WorkerState
 from egm.queue import connect
-from egm.runs import RunProgress
+from egm.runs import RunProgress, RunState
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_TASKS, EXIT_NOT_DONE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -242,7 +242,7 @@ def _drive(run: BulkRun, options: DriveOptions, printer: ProgressPrinter, out, w
     printer.close(progress)
     outcome = run.finish(progress, set_project_version=options.set_project_version)
     print_summary(outcome, run.run_id, options, out)
-    if outcome.progress.state == "cancelled" or not outcome.complete:
+    if outcome.progress.state == RunState.cancelled or not outcome.complete:
         return EXIT_NOT_DONE
     return EXIT_FAILED_TASKS if outcome.failed else EXIT_OK
 

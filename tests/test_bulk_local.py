@@ -313,14 +313,14 @@ def test_progress_line():
 
 def test_which_failures_are_transient():
     from egm.bulk.retries import is_transient
-    from egm.contract import LS_REFUSED, LS_UNAVAILABLE, TaskResult
+    from egm.contract import ErrorKind, TaskResult
 
     def failed(kind, error="x"):
         return TaskResult(task_id=1, status="failed", error_kind=kind, error=error)
 
     assert is_transient(failed("image:fetch")) and is_transient(failed("engine"))
-    assert is_transient(failed(LS_UNAVAILABLE, "prediction not written to Label Studio: Label Studio unavailable"))
-    assert not is_transient(failed(LS_REFUSED, "Label Studio refused the prediction: task not found"))
+    assert is_transient(failed(ErrorKind.ls_unavailable, "prediction not written to Label Studio: Label Studio unavailable"))
+    assert not is_transient(failed(ErrorKind.ls_refused, "Label Studio refused the prediction: task not found"))
     assert not any(is_transient(failed(k)) for k in ("image:decode", "image:blocked", "image:too_large", "parse"))
     assert not is_transient(TaskResult(task_id=1, status="ok"))
     assert [backoff_s(n, 2.0, MAX_BACKOFF_S) for n in (1, 3, 30)] == [2.0, 8.0, 300.0]

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from egm.backoff import backoff_s
-from egm.contract import LS_REFUSED, LS_UNAVAILABLE, VERSION_UNSERVED, BatchJob, BatchResult, TaskResult
+from egm.contract import BatchJob, ErrorKind, BatchResult, TaskResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
 from egm.runs import RunStore
@@ -123,7 +123,7 @@ def _refuse_other_version(rt: Runtime, job: BatchJob) -> dict:
               f"{rt.processor.model_version}; plan it again")
     result = BatchResult(job_id=job.job_id, model_version=job.model_version, worker=rt.processor.worker_name,
                          results=[TaskResult(task_id=t.task_id, ref=t.ref, status="failed", error=reason,
-                                             error_kind=VERSION_UNSERVED) for t in job.tasks])
+                                             error_kind=ErrorKind.version) for t in job.tasks])
     rt.queue.store_result(result)
     if job.run_id:
         RunStore(rt.queue.redis, rt.queue.prefix).record(job, result)
@@ -180,8 +180,8 @@ def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
 
     While Label Studio is unreachable the worker waits (backoff, up to ``EGM_LS_OUTAGE_WAIT_S``)
     rather than failing the job: the results are computed and a retried job would recompute
-    them. After that the unwritten tasks fail as ``LS_UNAVAILABLE`` (bulk runs retry them later);
-    on a refusal (4xx) as ``LS_REFUSED``; always with the reason, so they are listed, never lost.
+    them. After that the unwritten tasks fail as ``ErrorKind.ls_unavailable`` (bulk runs retry them later);
+    on a refusal (4xx) as ``ErrorKind.ls_refused``; always with the reason, so they are listed, never lost.
     """
     patience = rt.processor.settings.ls_outage_wait_s
     give_up_at = time.monotonic() + patience
@@ -192,25 +192,25 @@ def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
             break
         except LabelStudioError as exc:
             if not _transient(exc):
-                return _fail_unwritten(rt, result, str(exc), LS_REFUSED)
+                return _fail_unwritten(rt, result, str(exc), ErrorKind.ls_refused)
             waits += 1
             delay = backoff_s(waits, 1.0, 15.0)
             if time.monotonic() + delay > give_up_at:
                 return _fail_unwritten(rt, result, f"Label Studio unavailable for {patience:.0f} s: {exc}",
-                                       LS_UNAVAILABLE)
+                                       ErrorKind.ls_unavailable)
             log.warning("Label Studio write failed; waiting for it", extra={
                 "job_id": result.job_id, "retry_in_s": delay, "error": str(exc)})
             time.sleep(delay)
     for r in result.results:
         if r.task_id in report.refused:
-            r.status, r.error_kind = "failed", LS_REFUSED
+            r.status, r.error_kind = "failed", ErrorKind.ls_refused
             r.error = f"Label Studio refused the prediction: {report.refused[r.task_id]}"
     if report.refused:
         rt.queue.store_result(result)
     return len(report.written)
 
 
-def _fail_unwritten(rt: Runtime, result: BatchResult, why: str, kind: str) -> int:
+def _fail_unwritten(rt: Runtime, result: BatchResult, why: str, kind: ErrorKind) -> int:
     failed = 0
     for r in result.results:
         if r.status == "ok" and r.task_id is not None and not rt.writer.is_written(result.model_version, r.task_id):

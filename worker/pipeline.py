@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from egm.config.settings import Settings
 from egm.active_learning import prediction_score, samples_agreement
 from egm.confidence import box_scores
-from egm.contract import BatchJob, BatchResult, BoxResult, LabelTarget, Query, TaskJob, TaskResult
+from egm.contract import BatchJob, BatchResult, BoxResult, ErrorKind, LabelTarget, Query, TaskJob, TaskResult
 from egm.geometry import grid_to_pixels
 from egm.ls_results import build_result
 from egm.parsing import ParsedCompletion, ParseStatus, parse_completion
@@ -165,13 +165,13 @@ class BatchProcessor:
                      target: LabelTarget, stats: BatchStats) -> TaskResult:
         base = {"task_id": task.task_id, "ref": task.ref}
         if isinstance(image, ImageLoadError):
-            return TaskResult(**base, status="failed", error=str(image), error_kind=f"image:{image.kind}")
+            return TaskResult(**base, status="failed", error=str(image), error_kind=ErrorKind.of_image(image.kind))
         if not outcomes:
-            return TaskResult(**base, status="failed", error="task has no queries", error_kind="request",
+            return TaskResult(**base, status="failed", error="task has no queries", error_kind=ErrorKind.request,
                               width=image.width, height=image.height)
         errors = [o.error for o in outcomes if o.error]
         if len(errors) == len(outcomes):
-            return TaskResult(**base, status="failed", error=f"engine: {errors[0]}", error_kind="engine",
+            return TaskResult(**base, status="failed", error=f"engine: {errors[0]}", error_kind=ErrorKind.engine,
                               width=image.width, height=image.height)
 
         boxes: list[BoxResult] = []
@@ -190,7 +190,7 @@ class BatchProcessor:
         if statuses and all(s == ParseStatus.unparseable for s in statuses):
             stats.parse_failures += 1
             return TaskResult(**base, status="failed", error="model output has no box that could be parsed",
-                              error_kind="parse", parse_status=ParseStatus.unparseable.value,
+                              error_kind=ErrorKind.parse, parse_status=ParseStatus.unparseable.value,
                               completions=completions, width=image.width, height=image.height)
         reasoning = "\n".join(reasonings)
         worst = _worst_status(statuses)

@@ -28,9 +28,9 @@ from egm.bulk.jobs import alive_jobs, free_job_id
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask
 from egm.bulk.spec import RunSpec, batch_job_id
-from egm.contract import BatchJob, Priority, TaskJob, written_key
+from egm.contract import BatchJob, ErrorKind, Priority, TaskJob, written_key
 from egm.queue import QueueClient
-from egm.runs import RunStore, task_key
+from egm.runs import RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,10 @@ class Planner:
             elif task.problem:
                 report.rejected += 1
                 rejected.append({"task_id": task.task_id, "ref": task.ref, "image": task.image or None,
-                                 "kind": "request", "error": task.problem})
+                                 "kind": ErrorKind.request, "error": task.problem})
             elif key in flying:
                 report.in_flight += 1
-            elif statuses.get(key) == "failed" and not retry_failed:
+            elif statuses.get(key) == TaskStatus.failed and not retry_failed:
                 report.failed_kept += 1
             else:
                 pending.append(task)

@@ -28,7 +28,7 @@ from egm.contract import BatchResult, LabelTarget
 from egm.prompts import load_templates
 from egm.queries import build_queries
 from egm.queue import QueueClient
-from egm.runs import RunProgress, RunStore, task_key
+from egm.runs import RunProgress, RunState, RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class BulkRun:
         while True:
             progress = self._progress()
             self.printer.update(progress)
-            if progress.state == "cancelled":
+            if progress.state == RunState.cancelled:
                 return progress
             if self.collector is not None and self.collector.collect():
                 progress = self._progress()
@@ -227,14 +227,14 @@ class BulkRun:
             return True
         # Results that expired before we collected them: plan those tasks again (the cache answers them).
         log.info("re-planning tasks whose results expired", extra={"run_id": self.run_id, "count": len(missing)})
-        self.runs.mark(self.run_id, {k: "queued" for k in missing})
+        self.runs.mark(self.run_id, {k: TaskStatus.queued for k in missing})
         self._plan()
         return False
 
     def _uncollected(self) -> set[str]:
         """Tasks a worker finished whose results are not in the local log yet and cannot be fetched."""
         self.collector.collect()
-        ok = {k for k, s in self.runs.statuses(self.run_id).items() if s in ("ok", "cached")}
+        ok = {k for k, s in self.runs.statuses(self.run_id).items() if s.succeeded}
         if self.plan_report is not None:
             ok &= set(self.plan_report.images)
         missing = ok - self.collector.done
@@ -262,10 +262,10 @@ class BulkRun:
     def finish(self, progress: RunProgress, *, set_project_version: bool = True) -> RunOutcome:
         outcome = RunOutcome(progress=progress, failed=self.runs.failed(self.run_id),
                              complete=progress.remaining == 0 and progress.retrying == 0)
-        if progress.state == "cancelled":
+        if progress.state == RunState.cancelled:
             return outcome
         if outcome.complete:
-            self.runs.set_state(self.run_id, "done")
+            self.runs.set_state(self.run_id, RunState.done)
             outcome.progress = self._progress()
         if self.collector is not None:
             outcome.outputs = self._write_outputs()
