@@ -47,16 +47,6 @@ def parse_queue_name(prefix: str, name: str) -> tuple[Priority, str] | None:
     return None
 
 
-def redis_key(prefix: str, *parts: str | int) -> str:
-    """Every Redis key this project writes (besides RQ's own) is built here."""
-    return ":".join([prefix, *(str(p) for p in parts)])
-
-
-def written_key(prefix: str, model_version: str, task_id: int) -> str:
-    """Claim that the prediction of (task, model_version) is written to Label Studio (worker.delivery)."""
-    return redis_key(prefix, "written", model_version, task_id)
-
-
 class ErrorKind(StrEnum):
     """Why a task failed (``TaskResult.error_kind``); the value is what Redis, JSON and the run's
     failed list carry. :attr:`is_transient` says whether trying the task again later may succeed."""

@@ -26,7 +26,8 @@ from typing import Iterable
 
 import redis
 
-from egm.contract import BatchJob, BatchResult, TaskResult, redis_key
+from egm.contract import BatchJob, BatchResult, TaskResult
+from egm.keys import Keys
 
 RUN_TTL_S = 30 * 24 * 3600
 
@@ -169,11 +170,13 @@ class RunStore:
     def __init__(self, connection: redis.Redis, prefix: str) -> None:
         self.redis = connection
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self._record = connection.register_script(_RECORD_LUA)
         self._forget = connection.register_script(_FORGET_LUA)
 
-    def key(self, run_id: str, *parts: str) -> str:
-        return redis_key(self.prefix, "run", run_id, *parts)
+    def key(self, run_id: str, part: str | None = None) -> str:
+        """``run:<id>`` or one of its parts (egm.keys.RUN_PARTS)."""
+        return self.keys.run(run_id, part)
 
     # -- lifecycle -------------------------------------------------------------------
     def create(self, run_id: str, *, total: int, model_version: str, source: str, spec: dict | None = None) -> None:
@@ -186,7 +189,7 @@ class RunStore:
         with self.redis.pipeline() as pipe:
             pipe.hsetnx(self.key(run_id), "started_at", now)
             pipe.hset(self.key(run_id), mapping=mapping)
-            pipe.sadd(redis_key(self.prefix, "runs"), run_id)
+            pipe.sadd(self.keys.runs(), run_id)
             pipe.expire(self.key(run_id), RUN_TTL_S)
             if spec is not None:
                 pipe.set(self.key(run_id, "spec"), json.dumps(spec), ex=RUN_TTL_S)
@@ -331,7 +334,7 @@ class RunStore:
         return sorted(items, key=lambda i: (i.get("task_id") is None, i.get("task_id") or 0, i.get("ref") or ""))
 
     def runs(self) -> list[str]:
-        return sorted(x.decode() for x in self.redis.smembers(redis_key(self.prefix, "runs")))
+        return sorted(x.decode() for x in self.redis.smembers(self.keys.runs()))
 
     # -- one planner at a time ----------------------------------------------------------------
     def acquire_lock(self, run_id: str, owner: str, ttl_s: int = 120) -> bool:

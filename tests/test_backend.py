@@ -144,13 +144,13 @@ def test_late_results_are_handed_to_the_worker(settings, monkeypatch, tmp_path):
             resp = c.post("/predict", json={"tasks": _tasks(2), "project": "3.1", "label_config": BOXES_CONFIG})
             assert resp.json()["results"] == [[], []]  # nothing yet: no duplicate prediction later
             queue = c.app.state.queue
-            handoffs = list(queue.redis.scan_iter(queue.key("handoff", "*")))
+            handoffs = list(queue.redis.scan_iter(queue.keys.handoff("*")))
             assert len(handoffs) == 1
             job_id = handoffs[0].decode().rsplit(":", 1)[-1]
             deadline = time.monotonic() + 60
             while queue.result(job_id) is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert queue.redis.get(queue.key("deliver", job_id)) == b"worker"
+            assert queue.redis.get(queue.keys.deliver(job_id)) == b"worker"
             assert [r.status for r in queue.result(job_id).results] == ["ok", "ok"]
     finally:
         processes.stop(proc)

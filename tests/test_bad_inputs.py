@@ -101,7 +101,7 @@ def _stored(client) -> dict[int, object]:
     """Task id -> TaskResult of every batch the workers finished (the reasons /predict does not show)."""
     queue = client.app.state.queue
     out = {}
-    for key in queue.redis.scan_iter(queue.key("result", "*")):
+    for key in queue.redis.scan_iter(queue.keys.result("*")):
         for r in BatchResult.model_validate_json(queue.redis.get(key)).results:
             out[r.task_id] = r
     return out

@@ -77,7 +77,7 @@ def test_which_version_new_work_goes_to(settings):
     assert "EGM-4B-aaaaaaaaaa, EGM-4B-bbbbbbbbbb" in str(pinned.value)
 
     # the new model's only worker goes (its record expires): back to the old one, and said so when none is left
-    queue.redis.delete(fleet.key("worker", "b1"))
+    queue.redis.delete(fleet.keys.fleet_worker("b1"))
     assert fleet.current_version() == "EGM-4B-aaaaaaaaaa"
     for name in ("a1", "a2", "loading"):
         fleet.remove(name)

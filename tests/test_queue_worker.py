@@ -124,7 +124,7 @@ def test_delivery_handshake_gives_the_result_to_exactly_one_side(settings):
     # /predict gives up before the worker ran: the worker must deliver, the backend must not
     assert queue.hand_off(job.job_id) is None
     run_worker(settings, engine=ScriptedEngine(), burst=True)
-    assert queue.redis.get(queue.key("deliver", job.job_id)) == b"worker"
+    assert queue.redis.get(queue.keys.deliver(job.job_id)) == b"worker"
     assert queue.claim_for_response(job.job_id) is None
     # a job that finished in time is claimed by the backend, and the worker stays out
     job2 = batch_job(sample_images()[:1], priority=Priority.interactive)

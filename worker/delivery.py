@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from egm.contract import TaskResult, written_key
+from egm.contract import TaskResult
+from egm.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class LabelStudioWriter:
         self.prefix = prefix
 
     def _claim_key(self, model_version: str, task_id: int) -> str:
-        return written_key(self.prefix, model_version, task_id)
+        return Keys(self.prefix).written(model_version, task_id)
 
     def is_written(self, model_version: str, task_id: int) -> bool:
         return self.redis.get(self._claim_key(model_version, task_id)) == b"done"

@@ -28,7 +28,7 @@ from egm.bulk.jobs import alive_jobs, free_job_id
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask
 from egm.bulk.spec import RunSpec, batch_job_id
-from egm.contract import BatchJob, ErrorKind, Priority, TaskJob, written_key
+from egm.contract import BatchJob, ErrorKind, Priority, TaskJob
 from egm.queue import QueueClient
 from egm.runs import RunStore, TaskStatus, task_key
 
@@ -168,7 +168,7 @@ class Planner:
         """A task we enqueue has no prediction of this version in Label Studio and no live job, so a
         ``done`` write claim for it is stale (the prediction was deleted): drop it, or the worker
         would skip the write and the task would stay without a prediction."""
-        keys = [written_key(self.queue.prefix, self.spec.model_version, t.task_id)
+        keys = [self.queue.keys.written(self.spec.model_version, t.task_id)
                 for j in batches for t in j.tasks if t.task_id is not None]
         values = self.queue.redis.mget(keys) if keys else []
         stale = [k for k, v in zip(keys, values) if v == b"done"]

@@ -22,7 +22,7 @@ import uuid
 
 from egm.backoff import backoff_s
 from egm.config.settings import Settings
-from egm.contract import BatchJob, BatchResult, TaskResult, is_transient as kind_is_transient, redis_key
+from egm.contract import BatchJob, BatchResult, TaskResult, is_transient as kind_is_transient
 from egm.queue import QueueClient
 from egm.runs import RUN_TTL_S, RunStore, task_key
 
@@ -41,7 +41,7 @@ class RetryScheduler:
         self.queue = queue
         self.settings = settings or queue.settings
         self.runs = RunStore(queue.redis, queue.prefix)
-        self.key = redis_key(queue.prefix, "retries")
+        self.key = queue.keys.retries()
 
     def schedule(self, job: BatchJob, result: BatchResult) -> set[str]:
         """Schedule the batch's transient failures that have tries left; returns their task keys."""

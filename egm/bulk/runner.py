@@ -24,7 +24,7 @@ from egm.bulk.progress import ProgressPrinter
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask, folder_tasks, label_studio_tasks, manifest_tasks
 from egm.bulk.spec import RunSpec, label_studio_run_id, local_run_id
-from egm.contract import BatchResult, LabelTarget
+from egm.contract import LabelTarget
 from egm.prompts import load_templates
 from egm.queries import build_queries
 from egm.queue import QueueClient
@@ -118,20 +118,12 @@ class LocalCollector:
 
     def collect_jobs(self, job_ids: list[str]) -> int:
         added = 0
-        for result in self._results(list(dict.fromkeys(job_ids))):
+        # expired results are skipped: their tasks get re-planned, and the cache answers them
+        for result in self.queue.results(list(dict.fromkeys(job_ids))):
             fresh = [r for r in result.results if r.status == "ok" and self._key(r) not in self.done]
             added += self.log.append(fresh)
             self.done.update(self._key(r) for r in fresh)
         return added
-
-    def _results(self, job_ids: list[str], chunk: int = 200):
-        """Stored batch results, many per round trip; expired ones are skipped (their tasks get
-        re-planned, and the cache answers them)."""
-        for start in range(0, len(job_ids), chunk):
-            keys = [self.queue.key("result", j) for j in job_ids[start:start + chunk]]
-            for raw in self.queue.redis.mget(keys):
-                if raw:
-                    yield BatchResult.model_validate_json(raw)
 
     @staticmethod
     def _key(result) -> str:
