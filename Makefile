@@ -38,7 +38,7 @@ test: install install-ls check-redis
 	$(VENV)/bin/pytest -q
 
 bench-pipeline: install check-redis
-	$(VENV)/bin/python bench/pipeline.py
+	$(VENV)/bin/python bench/queue_overhead.py
 
 # What a bare GPU machine lacks (the project's wheels, redis-server, TRL, vLLM 0.24.0) as folders
 # of .gpu/ that travel with device calls; docs/gpu.md says which call carries which.

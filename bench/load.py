@@ -45,7 +45,7 @@ from egm import processes  # noqa: E402
 from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob  # noqa: E402
 from egm.fleet import Fleet  # noqa: E402
 from egm.queue import QueueClient  # noqa: E402
-from egm.runs import RunStore  # noqa: E402
+from egm.bulk.run_store import RunStore  # noqa: E402
 
 TARGET = LabelTarget(from_name="label", to_name="image", labels=["circle", "square"],
                      aliases={"circle": "circle", "square": "square"})

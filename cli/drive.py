@@ -25,7 +25,7 @@ from egm.bulk.progress import ProgressPrinter, format_duration
 from egm.bulk.runner import BulkRun, RunOutcome
 from egm.fleet import Fleet, FleetError, FleetView, NoLiveWorker, WorkerState
 from egm.queue import connect
-from egm.runs import RunProgress, RunState
+from egm.bulk.run_store import RunProgress, RunState
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_TASKS, EXIT_NOT_DONE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 

@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 #: Dotted path of the function RQ runs for a batch job (imported lazily by the worker).
-BATCH_FUNC = "egm.worker.jobs.run_batch"
+BATCH_FUNC = "egm.worker.rq_entry.run_batch"
 
 
 class Priority(str, Enum):

@@ -14,7 +14,7 @@ One :class:`Keys` object per prefix (``EGM_QUEUE_PREFIX``), as RQ builds its own
 ``written:<model_version>:<task>``     claim that a prediction is written to Label Studio (worker.delivery)
 ``outbox``, ``outbox-lease``,          write-behind outbox: schedule, leases, entries (worker.outbox)
 ``outbox:<job>``
-``runs``, ``run:<id>[:<part>]``        bulk runs (egm.runs; parts: :data:`RUN_PARTS`)
+``runs``, ``run:<id>[:<part>]``        bulk runs (egm.bulk.run_store; parts: :data:`RUN_PARTS`)
 ``retries``                            bulk-run tasks due for another try (egm.bulk.retries)
 ``stats``, ``rate:<bucket>``           fleet-wide counters and recent throughput (egm.stats)
 ``corrections:annotation:<id>``        what an annotation contributed to the live figures (egm.export.live)

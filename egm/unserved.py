@@ -21,7 +21,7 @@ from rq.job import Job
 from egm.contract import BatchJob, ErrorKind, BatchResult, TaskResult
 from egm.fleet import FleetView
 from egm.queue import QueueClient
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from egm.bulk.jobs import cancel_run
+from egm.bulk.rq_jobs import cancel_run
 from egm.bulk.outputs import COCO_FILE, LS_IMPORT_FILE
 from egm.bulk.progress import ProgressPrinter, format_duration, render
 from egm.backoff import backoff_s
@@ -20,7 +20,7 @@ from egm.bulk.spec import batch_job_id
 from egm.contract import Priority
 from egm.geometry import Box, grid_to_pixels
 from egm.queue import QueueClient
-from egm.runs import RunProgress, RunStore
+from egm.bulk.run_store import RunProgress, RunStore
 from tests.bulk_support import CORRUPT_JPEG, run_cli, write_images
 from tests.stack import SAMPLES, batch_job, version_of
 from egm.worker.batch_worker import run_worker

@@ -11,7 +11,7 @@ from PIL import Image
 from egm.processes import free_port
 from tests.openai_test_server import OpenAITestServer, ServerBehavior
 from egm.worker.engines.base import DecodingConfig, EngineError, EngineRequest
-from egm.worker.engines.common import align_pieces, fit_within_pixels, fitted_size, join_reasoning
+from egm.worker.engines.served import align_pieces, fit_within_pixels, fitted_size, join_reasoning
 from egm.worker.engines.openai_compat import OpenAICompatEngine, normalize_base_url, parse_chat_response
 
 try:  # generic checks shared by every engine, when that helper exists

@@ -17,7 +17,7 @@ from egm.backend.app import create_app
 from egm.fleet import Fleet, NoLiveWorker, PromptMismatch, VersionNotServed, WorkerRecord, WorkerState
 from egm.identity import prompt_setup
 from egm.queue import QueueClient
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from tests.bulk_support import write_images
 from tests.fault_stack import wait_until
 from tests.stack import BOXES_CONFIG, SAMPLES, batch_job, sample_images, spawn_worker, wait_ready

@@ -246,7 +246,7 @@ def test_a_job_planned_for_another_version_is_never_computed_under_this_workers_
     engine = ScriptedEngine()
     stray = batch_job(sample_images()[:2], model_version="EGM-4B-0123456789")
     mine = version_of(engine, settings)
-    queue.queue(Priority.bulk, mine).enqueue_call("egm.worker.jobs.run_batch", args=(stray.model_dump(mode="json"),),
+    queue.queue(Priority.bulk, mine).enqueue_call("egm.worker.rq_entry.run_batch", args=(stray.model_dump(mode="json"),),
                                                   job_id=stray.job_id)
     run_worker(settings, engine=engine, burst=True)
     result = queue.result(stray.job_id)

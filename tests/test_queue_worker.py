@@ -168,7 +168,7 @@ def test_recent_rate_counts_only_the_window(settings):
 
 
 def _run_three_jobs(settings) -> tuple[list, object]:
-    from egm.worker import jobs
+    from egm.worker import rq_entry
 
     queue = QueueClient(settings)
     images = sample_images()
@@ -176,7 +176,7 @@ def _run_three_jobs(settings) -> tuple[list, object]:
     for job in batch:
         queue.enqueue(job)
     assert run_worker(settings, engine=ScriptedEngine(), burst=True)
-    return [queue.result(j.job_id) for j in batch], jobs.runtime()
+    return [queue.result(j.job_id) for j in batch], rq_entry.runtime()
 
 
 def test_prefetched_images_give_the_same_results_as_loading_in_the_batch(settings, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 
 from egm.contract import TRANSIENT_ERROR_KINDS, ErrorKind, TaskResult, is_transient
 from egm.images.errors import IMAGE_ERROR_KINDS
-from egm.runs import RunProgress, RunState, TaskStatus
+from egm.bulk.run_store import RunProgress, RunState, TaskStatus
 
 
 def test_every_image_error_kind_has_an_error_kind():

@@ -21,7 +21,7 @@ def settings_from_flags(**env: object) -> Settings:
 def open_runs(**env: object):
     """Settings, a queue client and the run store, for the commands that inspect bulk runs."""
     from egm.queue import QueueClient
-    from egm.runs import RunStore
+    from egm.bulk.run_store import RunStore
 
     settings = settings_from_flags(**env)
     queue = QueueClient(settings)

@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     settings = settings_from_flags(LABEL_STUDIO_URL=args.label_studio_url)
-    from egm.export.pipeline import ExportError, ExportOptions, run_export
+    from egm.export.exporter import ExportError, ExportOptions, run_export
     from egm.labelstudio import LabelStudioClient, LabelStudioError
 
     formats = _formats(args.format)

@@ -9,7 +9,7 @@ import time
 
 from egm.cli.errors import service_errors
 from egm.cli.commands._common import open_runs
-from egm.runs import RunState
+from egm.bulk.run_store import RunState
 
 
 def register(sub) -> None:

@@ -23,7 +23,7 @@ from egm.bulk.sources import is_url
 from egm.coco import CocoImage, CocoObject
 from egm.contract import LabelTarget, TaskResult
 from egm.geometry import Box
-from egm.runs import task_key
+from egm.bulk.run_store import task_key
 
 RESULTS_FILE = "results.jsonl"
 LS_IMPORT_FILE = "label_studio_import.json"

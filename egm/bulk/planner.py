@@ -24,13 +24,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from egm.bulk.jobs import alive_jobs, free_job_id
+from egm.bulk.rq_jobs import alive_jobs, free_job_id
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask
 from egm.bulk.spec import RunSpec, batch_job_id
 from egm.contract import BatchJob, ErrorKind, Priority, TaskJob
 from egm.queue import QueueClient
-from egm.runs import RunStore, TaskStatus, task_key
+from egm.bulk.run_store import RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-from egm.runs import RunProgress, RunState
+from egm.bulk.run_store import RunProgress, RunState
 
 
 def format_duration(seconds: float | None) -> str:

@@ -24,7 +24,7 @@ from egm.backoff import backoff_s
 from egm.config.settings import Settings
 from egm.contract import BatchJob, BatchResult, TaskResult, is_transient as kind_is_transient
 from egm.queue import QueueClient
-from egm.runs import RUN_TTL_S, RunStore, task_key
+from egm.bulk.run_store import RUN_TTL_S, RunStore, task_key
 
 log = logging.getLogger(__name__)
 

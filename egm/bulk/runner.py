@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from egm.config.settings import Settings
-from egm.bulk.jobs import alive_jobs, fail_abandoned
+from egm.bulk.rq_jobs import alive_jobs, fail_abandoned
 from egm.bulk.outputs import COCO_FILE, LS_IMPORT_FILE, ResultLog, write_coco, write_label_studio_import
 from egm.bulk.planner import PlanReport, Planner
 from egm.bulk.progress import ProgressPrinter
@@ -28,7 +28,7 @@ from egm.contract import LabelTarget
 from egm.prompts import load_templates
 from egm.queries import build_queries
 from egm.queue import QueueClient
-from egm.runs import RunProgress, RunState, RunStore, TaskStatus, task_key
+from egm.bulk.run_store import RunProgress, RunState, RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -101,3 +102,17 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release GPU memory / connections."""
+
+
+def local_checkpoint(model_path: str) -> str | None:
+    """The folder the weights of ``model_path`` are read from: the folder itself, or for a hub id the
+    local snapshot the loader used (None when it cannot be found, e.g. an in-memory model)."""
+    local = Path(model_path).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not a hub id, or not in the local cache
+        return None

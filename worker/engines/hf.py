@@ -25,8 +25,8 @@ from typing import Any
 from PIL import Image
 
 from egm.images.decode import to_rgb
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
-from egm.worker.engines.common import local_checkpoint
+from egm.worker.engines.base import (DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel,
+                                     local_checkpoint)
 
 log = logging.getLogger(__name__)
 

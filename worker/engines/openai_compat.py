@@ -30,7 +30,7 @@ from egm.backoff import backoff_s
 from egm.redaction import redact
 from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
 from egm.images.decode import to_rgb
-from egm.worker.engines.common import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes
+from egm.worker.engines.served import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from typing import Any
 from PIL import Image
 
 from egm.config.settings import Settings
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
+from egm.worker.engines.base import (DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel,
+                                     local_checkpoint)
 from egm.images.decode import to_rgb
-from egm.worker.engines.common import align_pieces, fit_within_pixels, local_checkpoint
+from egm.worker.engines.served import align_pieces, fit_within_pixels
 
 log = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ def evaluate(model: Any, processor: Any, heldout: HeldOut, modes: tuple[str, ...
                 parsed = parse_completion(out.text)
                 statuses[parsed.status.value] += 1
                 for box in parsed.boxes:
-                    # the worker's rule (egm.worker.pipeline): the query's label, else the model's, mapped
+                    # the worker's rule (egm.worker.batch_processor): the query's label, else the model's, mapped
                     label = query.label or target.resolve_label(box.label)
                     if label is not None:
                         predictions[scene.seed].append((label, box.box))

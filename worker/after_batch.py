@@ -7,7 +7,7 @@ import logging
 from egm.bulk.retries import RetryScheduler
 from egm.contract import BatchJob, BatchResult
 from egm.queue import QueueClient
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from egm.stats import StatsStore
 
 log = logging.getLogger(__name__)

@@ -20,10 +20,10 @@ from egm.backoff import backoff_s
 from egm.contract import BatchJob, ErrorKind, BatchResult, TaskResult
 from egm.labelstudio import LabelStudioError
 from egm.queue import QueueClient
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from egm.worker.delivery import LabelStudioWriter
 from egm.worker.outbox import BackgroundWriter, Entry
-from egm.worker.pipeline import BatchProcessor, BatchStats
+from egm.worker.batch_processor import BatchProcessor, BatchStats
 from egm.worker.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)

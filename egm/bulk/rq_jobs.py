@@ -10,7 +10,7 @@ from rq.registry import FailedJobRegistry
 from egm.bulk.retries import RetryScheduler
 from egm.contract import BatchJob, ErrorKind, Priority
 from egm.queue import QueueClient
-from egm.runs import RunState, RunStore, TaskStatus, task_key
+from egm.bulk.run_store import RunState, RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 
