@@ -417,8 +417,8 @@ class LabelStudioClient:
 
     def _backoff(self, attempt: int, method: str, path: str, why: str) -> int:
         delay = backoff_s(attempt + 1, self.backoff_s, MAX_BACKOFF_S, jitter=0.5)
-        log.warning("label studio %s %s failed (%s); retry %d/%d in %.2fs", method, _path_only(path), why,
-                    attempt + 1, self.retries, delay)
+        log.info("label studio %s %s failed (%s); retry %d/%d in %.2fs", method, _path_only(path), why,
+                 attempt + 1, self.retries, delay)
         time.sleep(delay)
         return attempt + 1
 
