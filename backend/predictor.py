@@ -89,7 +89,7 @@ class Predictor:
             # Before enqueueing: if this process dies while it waits, workers deliver after the deadline.
             self.queue.expect_response([j.job_id for j in plan.jobs if j.deliver_late], deadline)
             self.queue.enqueue_many(plan.jobs)
-        results = self._collect(plan.jobs, deadline=deadline)
+        results = self.queue.collect([j.job_id for j in plan.jobs], deadline)
         out: list[Prediction | list] = []
         for pos, slot in enumerate(plan.slots):
             if slot is None:
@@ -103,24 +103,6 @@ class Predictor:
         log.info("predict answered", extra={"tasks": len(req.tasks), "jobs": len(plan.jobs), "late_jobs": len(late),
                                             "seconds": round(time.time() - started, 3)})
         return PredictResponse(results=out)
-
-    def _collect(self, jobs: list[BatchJob], deadline: float) -> dict[str, BatchResult]:
-        """Wait for the jobs until the deadline; hand the rest off to the workers."""
-        results: dict[str, BatchResult] = {}
-        waiting = {j.job_id for j in jobs}
-        while waiting:
-            finished = self.queue.wait_any(sorted(waiting), deadline)
-            if finished is None:
-                break
-            waiting.discard(finished)
-            batch = self.queue.claim_for_response(finished)
-            if batch is not None:
-                results[finished] = batch
-        for job_id in waiting:
-            batch = self.queue.hand_off(job_id)
-            if batch is not None:
-                results[job_id] = batch
-        return results
 
     def _prediction(self, batch: BatchResult, index: int) -> Prediction | list:
         r = batch.results[index]

@@ -11,6 +11,7 @@ Delivery handshake (so a result reaches Label Studio exactly once):
   after claiming ``deliver:<job>`` (which also takes the job off the ``late``
   schedule); at the deadline it moves ``handoff:<job>`` to "now" and makes one
   last check for a stored result;
+* :meth:`QueueClient.collect` is the requester's whole algorithm (wait, claim, hand off);
 * workers sweep the ``late`` schedule between jobs: a due job that nobody claimed
   (the backend died or lost Redis while it waited) is claimed and delivered then.
 
@@ -176,6 +177,25 @@ class QueueClient:
         """Stop waiting: the worker delivers when done. Returns the result if it landed just now."""
         self.redis.set(self.keys.handoff(job_id), HANDOFF_NOW, ex=HANDOFF_TTL_S)
         return self.claim_for_response(job_id)
+
+    def collect(self, job_ids: list[str], deadline: float) -> dict[str, BatchResult]:
+        """The requester's half of the hand-off: wait for the jobs until ``deadline``, keep each result
+        whose delivery it wins, and hand the rest off to the workers (who write them to Label Studio)."""
+        results: dict[str, BatchResult] = {}
+        waiting = set(job_ids)
+        while waiting:
+            finished = self.wait_any(sorted(waiting), deadline)
+            if finished is None:
+                break
+            waiting.discard(finished)
+            batch = self.claim_for_response(finished)
+            if batch is not None:
+                results[finished] = batch
+        for job_id in waiting:
+            batch = self.hand_off(job_id)
+            if batch is not None:
+                results[job_id] = batch
+        return results
 
     # -- worker side -------------------------------------------------------------------------
     def store_result(self, result: BatchResult) -> None:

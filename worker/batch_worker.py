@@ -143,7 +143,7 @@ class BatchWorker(SimpleWorker):
         super().run_maintenance_tasks()
         # Late results whose /predict caller vanished (see egm.queue): deliver them between jobs.
         try:
-            rq_entry.deliver_due()
+            rq_entry.runtime().delivery.deliver_due()
         except Exception:  # Redis or Label Studio hiccup: the entries wait for the next round
             log.warning("late delivery sweep failed", exc_info=True)
         if self.sweep is not None:
