@@ -88,7 +88,8 @@ class LocalWorkers:
         self.procs: dict[str, object] = {}
 
     def __enter__(self) -> "LocalWorkers":
-        base = {"REDIS_URL": self.settings.redis_url, "EGM_QUEUE_PREFIX": self.settings.queue_prefix, **self.env}
+        base = {**self.settings.environment(), "REDIS_URL": self.settings.redis_url,
+                "EGM_QUEUE_PREFIX": self.settings.queue_prefix, **self.env}
         for i in range(self.n):
             env = dict(base)
             if self.devices:
