@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from egm.backend.auth import require_auth
-from egm.labeling import LabelingConfigError, parse_labeling_config
+from egm.labelstudio.config import LabelingConfigError, parse_labeling_config
 from egm.backend.metrics import MetricsCollector
 from egm.backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
                             SetupResponse, WebhookEvent)

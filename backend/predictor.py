@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from egm.labeling import LabelingConfig, extract_prompt, parse_labeling_config
+from egm.labelstudio.config import LabelingConfig, extract_prompt, parse_labeling_config
 from egm.backend.models import PredictRequest, PredictResponse, Prediction
 from egm.backend.versions import VersionSource
 from egm.config.settings import Settings
@@ -64,7 +64,7 @@ class Predictor:
         rejected: dict[int, str] = {}
         for pos, task in enumerate(req.tasks):
             try:
-                tj = task_job(task.id, image_of(task.data, config.image_value_key), queries)
+                tj = task_job(task.id, image_of(task.data, config.target.image_key), queries)
             except TaskDataError as exc:
                 rejected[pos] = str(exc)
                 slots.append(None)

@@ -20,7 +20,7 @@ CONFIG = (Path(__file__).resolve().parent.parent / "config" / "labeling" / "boxe
 
 
 def _labels(config: str) -> set[str]:
-    from egm.labeling import parse_labeling_config
+    from egm.labelstudio.config import parse_labeling_config
 
     return set(parse_labeling_config(config).target.labels)
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from egm.labeling import parse_labeling_config
+from egm.labelstudio.config import parse_labeling_config
 from egm.backend.metrics import MetricsCollector
 from egm.backend.models import WebhookEvent
 from egm.backend.webhook import WebhookHandler

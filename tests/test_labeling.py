@@ -1,4 +1,4 @@
-"""Labeling-config reading (egm/labeling.py) and the shipped templates."""
+"""Labeling-config reading (egm/labelstudio/config.py) and the shipped templates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from egm.labeling import LabelingConfigError, clear_cache, extract_prompt, parse_labeling_config
+from egm.labelstudio.config import LabelingConfigError, clear_cache, extract_prompt, parse_labeling_config
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "config" / "labeling"
 
@@ -30,7 +30,7 @@ def test_templates_parse(name, prompt, reasoning):
     config = parse_labeling_config((TEMPLATES / name).read_text())
     assert config.target.from_name == "label"
     assert config.target.to_name == "image"
-    assert config.image_value_key == "image" == config.target.image_key
+    assert config.target.image_key == "image"
     assert len(config.target.labels) >= 2
     assert config.prompt_from_name == prompt
     assert config.target.reasoning_from_name == reasoning
@@ -44,7 +44,7 @@ def test_a_template_shows_predicted_values():
 def test_names_keys_labels_and_aliases():
     config = parse_labeling_config(IMAGE_BOXES)
     target = config.target
-    assert (target.from_name, target.to_name, config.image_value_key) == ("box", "img", "photo")
+    assert (target.from_name, target.to_name, target.image_key) == ("box", "img", "photo")
     assert target.labels == ["Car", "Person"]
     assert target.aliases == {"car": "Car", "automobile": "Car", "person": "Person"}
     assert target.resolve_label("AUTOMOBILE ") == "Car"
@@ -82,7 +82,7 @@ def test_rectangle_labels_on_a_second_image_is_found():
     xml = _config('<Text name="t" value="$text"/><Image name="a" value="$first"/><Image name="b" value="$second"/>'
                   '<RectangleLabels name="r" toName="b"><Label value="A"/></RectangleLabels>')
     config = parse_labeling_config(xml)
-    assert (config.target.to_name, config.image_value_key) == ("b", "second")
+    assert (config.target.to_name, config.target.image_key) == ("b", "second")
 
 
 @pytest.mark.parametrize("xml, words", [

@@ -16,7 +16,7 @@ from egm.active_learning import prediction_score, samples_agreement
 from egm.confidence import box_scores
 from egm.contract import BatchJob, BatchResult, BoxResult, ErrorKind, LabelTarget, Query, TaskJob, TaskResult
 from egm.geometry import grid_to_pixels
-from egm.ls_results import build_result
+from egm.labelstudio.results import build_result
 from egm.parsing import ParsedCompletion, ParseStatus, parse_completion
 from egm.worker.cache import CachedOutput, ResultCache
 from egm.worker.engines.base import BetweenSteps, Engine, EngineRequest

@@ -41,11 +41,11 @@ STALL_REPLAN_S = 30.0
 
 def label_studio_spec(settings: Settings, client, project_id: int, model_version: str, *,
                       view_id: int | None = None, filters: dict | None = None) -> RunSpec:
-    from egm.labeling import parse_labeling_config
+    from egm.labelstudio.config import parse_labeling_config
 
     project = client.get_project(project_id)
     config = parse_labeling_config(project.label_config)
-    target = config.target.model_copy(update={"image_key": config.image_value_key})
+    target = config.target
     queries = build_queries(target, load_templates(settings), settings.prompt_mode)
     run_id = label_studio_run_id(client.url, project_id, view_id, filters, model_version)
     return RunSpec(run_id=run_id, kind="label_studio", model_version=model_version, target=target,
@@ -56,10 +56,10 @@ def label_studio_spec(settings: Settings, client, project_id: int, model_version
 def local_target(labels: list[str], label_config: str | None = None) -> LabelTarget:
     """Where boxes go in the import file: from a labeling config, else the names of config/labeling/*.xml."""
     if label_config:
-        from egm.labeling import parse_labeling_config
+        from egm.labelstudio.config import parse_labeling_config
 
         config = parse_labeling_config(label_config)
-        return config.target.model_copy(update={"image_key": config.image_value_key})
+        return config.target
     if not labels:
         raise ValueError("give the labels to find (--labels cat,dog) or a labeling config (--label-config)")
     return LabelTarget(from_name="label", to_name="image", labels=labels,
@@ -282,8 +282,7 @@ class BulkRun:
         try:
             project = self.client.get_project(self.spec.project_id)
             if project.model_version != self.spec.model_version:
-                self.client.request_json("PATCH", f"/api/projects/{int(self.spec.project_id)}/",
-                                         json={"model_version": self.spec.model_version}, idempotent=True)
+                self.client.set_project_model_version(self.spec.project_id, self.spec.model_version)
                 self.printer.message(f"project {self.spec.project_id} now shows predictions of model version "
                                      f"{self.spec.model_version}")
         except Exception as exc:  # noqa: BLE001 - the predictions are written; this is a convenience

@@ -181,7 +181,7 @@ def _control_names(event: dict) -> tuple[str | None, str | None]:
     xml = project.get("label_config")
     if not xml:
         return None, None
-    from egm.labeling import LabelingConfigError, parse_labeling_config
+    from egm.labelstudio.config import LabelingConfigError, parse_labeling_config
 
     try:
         target = parse_labeling_config(xml).target

@@ -39,7 +39,7 @@ class HeldOut:
     scenes: list[Scene]
     images: Path
     templates: PromptTemplates
-    #: the labeling config's boxes and labels (:func:`egm.labeling.parse_labeling_config`)
+    #: the labeling config's boxes and labels (:func:`egm.labelstudio.config.parse_labeling_config`)
     target: LabelTarget
     min_pixels: int
     max_pixels: int

@@ -27,9 +27,8 @@ class LabelingConfigError(ValueError):
 class LabelingConfig:
     target: LabelTarget
     #: non-per-region TextArea whose typed text is the referring expression (interactive mode).
+    #: The data key of the image (the Image tag's ``value="$image"``) is ``target.image_key``.
     prompt_from_name: str | None
-    #: data key from the Image tag's ``value="$image"``.
-    image_value_key: str
 
 
 _cache: OrderedDict[str, LabelingConfig | LabelingConfigError] = OrderedDict()
@@ -57,8 +56,7 @@ def parse_labeling_config(xml: str) -> LabelingConfig:
     if isinstance(hit, LabelingConfigError):
         raise LabelingConfigError(str(hit))
     # Hand out a copy: LabelTarget is mutable and the cached one is shared.
-    return LabelingConfig(target=hit.target.model_copy(deep=True), prompt_from_name=hit.prompt_from_name,
-                          image_value_key=hit.image_value_key)
+    return LabelingConfig(target=hit.target.model_copy(deep=True), prompt_from_name=hit.prompt_from_name)
 
 
 def clear_cache() -> None:
@@ -85,7 +83,7 @@ def _parse(xml: str) -> LabelingConfig:
     prompt = _pick(textareas, per_region=False, preferred=_PROMPT_NAME)
     target = LabelTarget(from_name=rect.name, to_name=image.name, labels=labels, aliases=aliases,
                          reasoning_from_name=reasoning, image_key=image_key)
-    return LabelingConfig(target=target, prompt_from_name=prompt, image_value_key=image_key)
+    return LabelingConfig(target=target, prompt_from_name=prompt)
 
 
 def _interface(xml: str):

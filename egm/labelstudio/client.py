@@ -448,6 +448,11 @@ class LabelStudioClient:
     def get_label_config(self, project_id: int) -> str:
         return self.get_project(project_id).label_config
 
+    def set_project_model_version(self, project_id: int, model_version: str) -> None:
+        """Make the project show (and score, in the Data Manager) the predictions of ``model_version``."""
+        self.request_json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version},
+                          idempotent=True)
+
     # ----------------------------------------------------------------- tasks
 
     def iter_tasks(self, project_id: int, view_id: int | None = None, filters: dict[str, Any] | None = None,
@@ -580,6 +585,19 @@ class LabelStudioClient:
         body = self.request_json("GET", "/api/predictions/", params=params)
         items = body.get("results", []) if isinstance(body, dict) else body
         return [Prediction.from_api(p) for p in items or []]
+
+    def get_prediction(self, prediction_id: int) -> Prediction:
+        return Prediction.from_api(self.request_json("GET", f"/api/predictions/{int(prediction_id)}/"))
+
+    def create_annotation(self, task_id: int, result: list[dict[str, Any]], *, lead_time_s: float | None = None,
+                          parent_prediction: int | None = None) -> dict[str, Any]:
+        """An annotation of ``task_id`` (what a person submits), optionally started from a prediction."""
+        body: dict[str, Any] = {"result": result}
+        if lead_time_s is not None:
+            body["lead_time"] = lead_time_s
+        if parent_prediction is not None:
+            body["parent_prediction"] = int(parent_prediction)
+        return self.request_json("POST", f"/api/tasks/{int(task_id)}/annotations/", json=body)
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.request("DELETE", f"/api/predictions/{int(prediction_id)}/")
