@@ -136,9 +136,9 @@ def test_project_version_prediction_by_id_and_annotation_are_client_methods(labe
     """The calls other modules made raw (PATCH model_version, GET one prediction, POST an annotation)."""
     pid = label_studio.create_project(BOXES)
     (task,) = label_studio.import_tasks(pid, [{"image": "http://images.invalid/one.jpg"}])
-    client.set_project_model_version(pid, "shown-1")
-    assert client.get_project(pid).model_version == "shown-1"
     created = client.create_prediction(task, box("Dog", x=5), score=0.5, model_version="shown-1")
+    client.set_project_model_version(pid, "shown-1")  # Label Studio accepts versions it has predictions of
+    assert client.get_project(pid).model_version == "shown-1"
     fetched = client.get_prediction(created.id)
     assert (fetched.id, fetched.task, fetched.model_version, fetched.result) == (created.id, task, "shown-1",
                                                                                  created.result)
