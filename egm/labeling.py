@@ -17,6 +17,9 @@ from egm.contract import LabelTarget
 _CACHE_SIZE = 256
 _PROMPT_NAME = "prompt"
 _REASONING_NAME = "reasoning"
+#: the task-level TextArea for the image-level reasoning is recognised by this name only
+#: (so a config's only free TextArea is never mistaken for it, nor it for the prompt).
+IMAGE_REASONING_NAME = "image_reasoning"
 
 
 class LabelingConfigError(ValueError):
@@ -82,9 +85,12 @@ def _parse(xml: str) -> LabelingConfig:
         raise LabelingConfigError(f'<RectangleLabels name="{rect.name}"> has no <Label> values')
     textareas = [c for c in interface.controls if _tag(c) == "textarea" and image.name in (c.to_name or [])]
     reasoning = _pick(textareas, per_region=True, preferred=_REASONING_NAME)
-    prompt = _pick(textareas, per_region=False, preferred=_PROMPT_NAME)
+    image_reasoning = next((t.name for t in textareas if t.name.lower() == IMAGE_REASONING_NAME
+                            and not _is_true((t.attr or {}).get("perRegion"))), None)
+    prompt = _pick([t for t in textareas if t.name != image_reasoning], per_region=False, preferred=_PROMPT_NAME)
     target = LabelTarget(from_name=rect.name, to_name=image.name, labels=labels, aliases=aliases,
-                         reasoning_from_name=reasoning, image_key=image_key)
+                         reasoning_from_name=reasoning, image_reasoning_from_name=image_reasoning,
+                         image_key=image_key)
     return LabelingConfig(target=target, prompt_from_name=prompt, image_value_key=image_key)
 
 

@@ -197,7 +197,8 @@ class BatchProcessor:
         return TaskResult(
             **base, status="ok", reasoning=reasoning, boxes=boxes, parse_status=worst.value,
             width=image.width, height=image.height, score=self._score(boxes, outcomes),
-            ls_result=build_result(boxes, target, image.width, image.height, reasoning),
+            ls_result=build_result(boxes, target, image.width, image.height, reasoning,
+                                   referring=any(o.query.expression for o in outcomes)),
             completions=completions, cached=all(o.cached for o in outcomes),
         )
 
