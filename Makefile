@@ -20,11 +20,10 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/ver
 install: $(VENV)/.installed
 
 # Label Studio pins Django and many packages: it gets a virtual environment of its own.
-# sentry-sdk 3 (which label-studio's ">=2.16" lets in) makes 1.23.2 fail at start ("Unknown option 'send_default_pii'").
 $(LSVENV)/.installed:
 	$(PYTHON) -m venv $(LSVENV)
 	$(LSVENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(LSVENV)/bin/pip install $(PIP_FLAGS) label-studio==$(LABEL_STUDIO_VERSION)
+	$(LSVENV)/bin/pip install $(PIP_FLAGS) label-studio==$(LABEL_STUDIO_VERSION) "sentry-sdk>=2.16,<3"
 	touch $@
 
 install-ls: $(LSVENV)/.installed
