@@ -153,7 +153,7 @@ def project(label_studio, stack) -> dict:
     label_studio.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
                       json={"selectedItems": {"all": True, "excluded": []}})
     deadline = time.monotonic() + 120
-    while len(label_studio.list_predictions(pid)) < len(tasks):
+    while len({p["task"] for p in label_studio.list_predictions(pid)} & set(tasks.values())) < len(tasks):
         assert time.monotonic() < deadline, f"predictions missing; backend and worker logs in {stack.tmp}"
         time.sleep(0.3)
     return {"id": pid, "tasks": tasks, "ml": ml}
@@ -189,8 +189,12 @@ def page(label_studio, stack, shots):
 
 def _open_task(page, label_studio, project: dict, image: str) -> None:
     page.goto(f"{label_studio.url}/projects/{project['id']}/data?task={project['tasks'][image]}")
-    page.locator(".lsf-outliner-item").first.wait_for()
-    page.wait_for_function("() => window.Htx && window.Htx.annotationStore.selected")
+    try:
+        page.locator(".lsf-outliner-item").first.wait_for()
+        page.wait_for_function("() => window.Htx && window.Htx.annotationStore.selected")
+    except Exception:
+        page.screenshot(path=str(Path(os.environ.get("EGM_SCREENSHOTS_DIR") or "/tmp") / f"failed-open-{image}.png"))
+        raise
 
 
 def _outliner_labels(page) -> list[str]:
