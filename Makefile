@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 $(LSVENV)/.installed:
 	$(PYTHON) -m venv $(LSVENV)
 	$(LSVENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(LSVENV)/bin/pip install $(PIP_FLAGS) label-studio==$(LABEL_STUDIO_VERSION)
+	$(LSVENV)/bin/pip install $(PIP_FLAGS) label-studio==$(LABEL_STUDIO_VERSION) "sentry-sdk>=2.16,<3"
 	touch $@
 
 install-ls: $(LSVENV)/.installed
