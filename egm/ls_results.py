@@ -1,4 +1,5 @@
-"""Boxes -> Label Studio ``result`` items (rectanglelabels, plus per-region reasoning)."""
+"""Boxes -> Label Studio ``result`` items (rectanglelabels, plus per-region reasoning), and the message item
+that tells an annotator why an interactive request gave no box."""
 
 from __future__ import annotations
 
@@ -53,3 +54,9 @@ def build_result(boxes: list[BoxResult], target: LabelTarget, width: int, height
         if target.reasoning_from_name and reasoning:
             items.append(reasoning_item(rect, target, reasoning))
     return items
+
+
+def message_item(from_name: str, to_name: str, text: str) -> dict:
+    """A non-per-region TextArea result carrying one line for the annotator (why no box came back)."""
+    return {"id": region_id(), "from_name": from_name, "to_name": to_name, "type": "textarea",
+            "value": {"text": [" ".join(text.split())]}}
