@@ -93,7 +93,7 @@ class VersionSync:
                         continue
                     shown = client.show_model_version(project_id, model_version, is_live=lambda b: b.id in live)
                 except Exception as exc:  # Label Studio busy or unreachable: try again, never fail anything
-                    log.info("model version sync retry", extra={"project": project_id, "error": type(exc).__name__})
+                    log.info("model version sync retry", extra={"project": project_id, "error": str(exc)[:300]})
                     continue
                 if shown is VersionShown.changed:
                     log.info("label studio shows the live model version",

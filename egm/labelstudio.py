@@ -487,7 +487,7 @@ class LabelStudioClient:
 
     def rename_ml_backend(self, ml_backend_id: int, title: str) -> None:
         """Label Studio moves the project's model_version along when it named the old title."""
-        self.request_json("PATCH", f"/api/ml/{int(ml_backend_id)}/", json={"title": title}, idempotent=True)
+        self.request_json("PATCH", f"/api/ml/{int(ml_backend_id)}", json={"title": title}, idempotent=True)  # no slash
 
     def show_model_version(self, project_id: int, model_version: str,
                            is_live: Callable[[MLBackend], bool] | None = None) -> VersionShown:
