@@ -1,4 +1,5 @@
-"""Boxes -> Label Studio ``result`` items: rectanglelabels, each box's own reasoning, the image's reasoning.
+"""Boxes -> Label Studio ``result`` items: rectanglelabels, each box's own reasoning, the image's reasoning,
+and the message item that tells an annotator why an interactive request gave no box.
 
 A model answer has one reasoning text for the whole image. In Label Studio it is shown twice,
 each part where it belongs:
@@ -92,3 +93,9 @@ def build_result(boxes: list[BoxResult], target: LabelTarget, width: int, height
     if target.image_reasoning_from_name and (reasoning or "").strip() and not referring:
         items.append(image_reasoning_item(target, reasoning.strip()))
     return items
+
+
+def message_item(from_name: str, to_name: str, text: str) -> dict:
+    """A non-per-region TextArea result carrying one line for the annotator (why no box came back)."""
+    return {"id": region_id(), "from_name": from_name, "to_name": to_name, "type": "textarea",
+            "value": {"text": [" ".join(text.split())]}}

@@ -47,6 +47,23 @@ def reasoning_for_label(text: str, label: str, all_labels: Sequence[str] = (),
     return " ".join(_sentences_about(text, label, labels, _names(labels, aliases)))
 
 
+def first_label_named(text: str, names: Sequence[str]) -> str | None:
+    """The name of ``names`` that ``text`` mentions first (whole words, any case, plural ``s``/``es``;
+    the longest name wins where names overlap: "green square" over "square"); ``None`` when none is.
+
+    The same matching that assigns reasoning sentences to labels, for other readers of free text
+    (e.g. the label of a typed referring expression: "the two yellow circles" -> "circle").
+    """
+    names = _unique(list(names))
+    if not (text or "").strip() or not names:
+        return None
+    for match in _mention_pattern(names).finditer(text):
+        name = _canonical(match.group(0), {n: n for n in names})
+        if name is not None:
+            return name
+    return None
+
+
 def in_label_blocks(text: str, all_labels: Sequence[str]) -> bool:
     """Whether ``text`` is in the worker's per-label ``"<label>: ..."`` form for these labels."""
     return _prefixed_blocks((text or "").strip(), _unique(list(all_labels))) is not None

@@ -212,11 +212,12 @@ class BatchProcessor:
                image: LoadedImage) -> list[BoxResult]:
         out = []
         for k, pb in enumerate(parsed.boxes):
+            # A typed prompt's label is decided by the planner (egm.queries.prompt_label) and comes as
+            # query.label; never guess one here (not the config's first label: it is wrong more often than not).
             label = outcome.query.label or target.resolve_label(pb.label, fallback=outcome.query.expression)
-            if label is None and outcome.query.expression:
-                label = target.labels[0]  # typed prompt, config label not named: first label of the config
             if label is None:
-                log.info("dropping box with label not in config", extra={"model_label": pb.label})
+                log.info("dropping box with label not in config",
+                         extra={"model_label": pb.label, "prompt": outcome.query.expression is not None})
                 continue
             score = outcome.scores[k] if k < len(outcome.scores) else None
             out.append(BoxResult(
