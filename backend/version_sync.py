@@ -80,6 +80,7 @@ class VersionSync:
         def ours(backend) -> bool:
             return is_our_url(backend.url, self.settings)
 
+        password = self.settings.basic_auth_pass.get_secret_value() if self.settings.basic_auth_pass else None
         client = LabelStudioClient.from_settings(self.settings, timeout_s=LS_TIMEOUT_S, retries=0)
         in_order_streak = 0
         try:
@@ -91,7 +92,8 @@ class VersionSync:
                     if not live:  # not saved yet (connect in progress), or not ours to rename
                         in_order_streak = 0
                         continue
-                    shown = client.show_model_version(project_id, model_version, is_live=lambda b: b.id in live)
+                    shown = client.show_model_version(project_id, model_version, is_live=lambda b: b.id in live,
+                                                      basic_auth_pass=password)
                 except Exception as exc:  # Label Studio busy or unreachable: try again, never fail anything
                     log.info("model version sync retry", extra={"project": project_id, "error": str(exc)[:300]})
                     continue

@@ -258,11 +258,15 @@ class MLBackend:
     is_interactive: bool
     #: the version its last /setup answered.
     model_version: str
+    #: ``NONE`` or ``BASIC_AUTH``.
+    auth_method: str = "NONE"
+    basic_auth_user: str = ""
 
     @classmethod
     def from_api(cls, d: dict[str, Any]) -> "MLBackend":
         return cls(id=int(d["id"]), url=d.get("url") or "", title=d.get("title") or "", project=d.get("project"),
-                   is_interactive=bool(d.get("is_interactive")), model_version=d.get("model_version") or "")
+                   is_interactive=bool(d.get("is_interactive")), model_version=d.get("model_version") or "",
+                   auth_method=d.get("auth_method") or "NONE", basic_auth_user=d.get("basic_auth_user") or "")
 
 
 class VersionShown(str, Enum):
@@ -485,12 +489,29 @@ class LabelStudioClient:
         body = self.request_json("GET", "/api/ml/", params={"project": int(project_id)})
         return [MLBackend.from_api(b) for b in body or [] if int(b.get("project") or 0) == int(project_id)]
 
-    def rename_ml_backend(self, ml_backend_id: int, title: str) -> None:
-        """Label Studio moves the project's model_version along when it named the old title."""
-        self.request_json("PATCH", f"/api/ml/{int(ml_backend_id)}", json={"title": title}, idempotent=True)  # no slash
+    def rename_ml_backend(self, backend: MLBackend, title: str, basic_auth_pass: str | None = None) -> None:
+        """Label Studio moves the project's model_version along when it named the old title.
+
+        Label Studio 1.23 validates an update like a new connection (it calls the backend's /health
+        and /setup with the fields sent), so the URL, project and credentials go along; a backend
+        behind basic auth needs its password (Label Studio never returns it)."""
+        body: dict[str, Any] = {"title": title, "url": backend.url, "project": backend.project,
+                                "is_interactive": backend.is_interactive}
+        if backend.auth_method == "BASIC_AUTH":
+            if not basic_auth_pass:
+                raise LabelStudioError(f"ML backend {backend.id} uses basic auth: its password is needed to rename it",
+                                       method="PATCH", path=f"/api/ml/{backend.id}")
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=backend.basic_auth_user,
+                        basic_auth_pass=basic_auth_pass)
+        try:  # no trailing slash: /api/ml/<id>/ is a 404 in 1.23
+            self.request_json("PATCH", f"/api/ml/{int(backend.id)}", json=body, idempotent=True)
+        except LabelStudioError as exc:
+            raise LabelStudioError(self._redact(str(exc), [basic_auth_pass or ""]), status_code=exc.status_code,
+                                   method=exc.method, path=exc.path) from None
 
     def show_model_version(self, project_id: int, model_version: str,
-                           is_live: Callable[[MLBackend], bool] | None = None) -> VersionShown:
+                           is_live: Callable[[MLBackend], bool] | None = None,
+                           basic_auth_pass: str | None = None) -> VersionShown:
         """Make the project show, score and keep predicting with ``model_version``.
 
         Label Studio 1.23 scores (Data Manager "Prediction score") only predictions whose
@@ -498,6 +519,7 @@ class LabelStudioClient:
         while the project's ``model_version`` equals that backend's *title*. So the live backend
         is renamed to the version and the project set to it. ``is_live`` picks the live backend
         (e.g. by URL); without it, the backend whose title the project names, else the only one.
+        ``basic_auth_pass``: the live backend's password, if it uses basic auth.
         """
         project = self.get_project(project_id)
         backends = self.list_ml_backends(project_id)
@@ -508,7 +530,7 @@ class LabelStudioClient:
         changed = False
         for backend in live:
             if backend.title != model_version:
-                self.rename_ml_backend(backend.id, model_version)
+                self.rename_ml_backend(backend, model_version, basic_auth_pass)
                 changed = True
         if changed:
             project = self.get_project(project_id)

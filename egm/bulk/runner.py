@@ -291,7 +291,10 @@ class BulkRun:
 
         try:
             # also renames the connected ML backend: the project keeps asking it for new tasks' predictions
-            if self.client.show_model_version(self.spec.project_id, self.spec.model_version) is VersionShown.changed:
+            password = self.settings.basic_auth_pass.get_secret_value() if self.settings.basic_auth_pass else None
+            shown = self.client.show_model_version(self.spec.project_id, self.spec.model_version,
+                                                   basic_auth_pass=password)
+            if shown is VersionShown.changed:
                 self.printer.message(f"project {self.spec.project_id} now shows predictions of model version "
                                      f"{self.spec.model_version}")
         except Exception as exc:  # noqa: BLE001 - the predictions are written; this is a convenience
