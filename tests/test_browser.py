@@ -145,18 +145,39 @@ def stack(label_studio, redis_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(label_studio, stack) -> dict:
-    """A project on the side-panel config, the sample images as tasks, the backend connected
-    (interactive) and every task pre-annotated through Label Studio's "Retrieve predictions"."""
+    """A project on the side-panel config with the sample images as tasks (not connected yet)."""
     pid = label_studio.create_project(CONFIG, title="Shapes")
     tasks = {name: label_studio.upload_image(pid, SAMPLES / name)[0] for name in IMAGES}
-    ml = label_studio.connect_ml_backend(pid, stack.url, is_interactive=True)
-    label_studio.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
-                      json={"selectedItems": {"all": True, "excluded": []}})
+    return {"id": pid, "tasks": tasks}
+
+
+def _ml_backends(label_studio, project: dict) -> list[dict]:
+    return label_studio.call("GET", "/api/ml/", params={"project": project["id"]})
+
+
+def _predicted_tasks(label_studio, project: dict) -> set[int]:
+    return {p["task"] for p in label_studio.list_predictions(project["id"])} & set(project["tasks"].values())
+
+
+def _wait_for_predictions(label_studio, project: dict, stack) -> None:
     deadline = time.monotonic() + 120
-    while len({p["task"] for p in label_studio.list_predictions(pid)} & set(tasks.values())) < len(tasks):
+    while len(_predicted_tasks(label_studio, project)) < len(project["tasks"]):
         assert time.monotonic() < deadline, f"predictions missing; backend and worker logs in {stack.tmp}"
         time.sleep(0.3)
-    return {"id": pid, "tasks": tasks, "ml": ml}
+
+
+@pytest.fixture(scope="module")
+def predicted(label_studio, stack, project) -> dict:
+    """The project connected (interactive) and every task pre-annotated. The first two tests do it
+    through the UI; when they did not run (``-k``), the API does it here."""
+    if not _ml_backends(label_studio, project):
+        label_studio.connect_ml_backend(project["id"], stack.url, is_interactive=True, title="EGM")
+    if len(_predicted_tasks(label_studio, project)) < len(project["tasks"]):
+        label_studio.call("POST", "/api/dm/actions",
+                          params={"id": "retrieve_tasks_predictions", "project": project["id"]},
+                          json={"selectedItems": {"all": True, "excluded": []}})
+        _wait_for_predictions(label_studio, project, stack)
+    return project
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +199,7 @@ def page(label_studio, stack, shots):
         pg.goto(label_studio.url + "/user/login/")
         pg.fill('input[name="email"]', label_studio.username)
         pg.fill('input[name="password"]', label_studio.password)
-        shots(pg, "01-login")
+        shots(pg, "00-login")
         pg.click('button[type="submit"]')
         pg.wait_for_url(lambda url: "/user/login" not in url)
         pg.get_by_text("Recent Projects").wait_for()
@@ -224,14 +245,56 @@ def _answer_result(body) -> list[dict]:
 # --------------------------------------------------------------------------- the annotator's steps
 
 
-def test_score_column_shows_the_scores_and_sorting_by_it_reorders_the_tasks(page, label_studio, project, shots):
+def test_connect_the_backend_in_settings_model(page, label_studio, stack, project, shots):
+    """Settings -> Model -> Connect Model: name, backend URL, Interactive preannotations on."""
+    page.goto(f"{label_studio.url}/projects/{project['id']}/settings/ml")
+    page.get_by_text("Connect Model", exact=True).first.click()
+    form = page.locator("form", has=page.locator('input[name="url"]'))
+    form.locator('input[name="title"]').fill("EGM")
+    form.locator('input[name="url"]').fill(stack.url)
+    form.get_by_text("Interactive preannotations").click()
+    assert form.locator('input[name="is_interactive"]').is_checked()
+    shots(page, "01-connect-model")
+    with page.expect_response(lambda r: r.url.split("?")[0].rstrip("/").endswith("/api/ml")
+                              and r.request.method == "POST") as created:
+        form.locator('button[type="submit"]').click()  # "Validate and Save": Label Studio calls /health, /setup
+    assert created.value.status == 201, created.value.text()
+    page.get_by_text(stack.url, exact=True).wait_for()  # the model's card
+    backends = _ml_backends(label_studio, project)
+    assert len(backends) == 1 and backends[0]["url"] == stack.url and backends[0]["is_interactive"]
+    shots(page, "02-model-connected")
+
+
+def test_retrieve_predictions_from_the_data_manager(page, label_studio, stack, project, shots):
+    """Select all tasks -> "N Tasks" -> Retrieve Predictions: one prediction per task."""
+    if not _ml_backends(label_studio, project):
+        pytest.skip("the backend is not connected (the settings test did not run)")
+    page.goto(f"{label_studio.url}/projects/{project['id']}/data")
+    page.locator('[data-testid="table-row-wrapper"]').first.wait_for()
+    page.locator('.lsf-table-head input[type="checkbox"]').first.check()
+    page.locator("button", has_text=re.compile(r"^\s*\d+ Tasks?\s*$")).click()
+    page.get_by_text("Retrieve Predictions", exact=True).wait_for()
+    shots(page, "03-retrieve-predictions")
+    page.get_by_text("Retrieve Predictions", exact=True).click()
+    with page.expect_response(lambda r: "/api/dm/actions" in r.url and r.request.method == "POST"):
+        page.locator('[data-testid="dialog-ok-button"]').click()  # Label Studio asks to confirm ("OK")
+    _wait_for_predictions(label_studio, project, stack)
+    page.reload()
+    page.wait_for_function(f"""() => {{ const rows = ({ROWS_JS})();
+        return rows.length === {len(project["tasks"])}; }}""")
+    assert len(label_studio.list_predictions(project["id"])) == len(project["tasks"])  # one per task
+
+
+def test_score_column_shows_the_scores_and_sorting_by_it_reorders_the_tasks(page, label_studio, predicted, shots):
+    project = predicted
     page.goto(f"{label_studio.url}/projects/{project['id']}/data")
     page.get_by_role("button", name="Columns").wait_for()
     page.locator('[data-testid="table-row-wrapper"]').first.wait_for()
     if not page.locator('span[data-id="tasks:predictions_score"]').count():
         page.get_by_role("button", name="Columns").click()
         page.locator(".lsf-menu-dm__item label", has_text="Prediction score").click()
-        page.keyboard.press("Escape")
+        page.get_by_role("button", name="Columns").click()  # close the menu
+        page.locator(".lsf-menu-dm__item label", has_text="Prediction score").wait_for(state="hidden")
     page.locator('span[data-id="tasks:predictions_score"]').wait_for()
     column = 1 + page.evaluate(HEAD_JS).index("tasks:predictions_score")  # cell 0 is the row's checkbox
     expected = {project["tasks"][name]: CONFIDENCE[name] for name in IMAGES}
@@ -242,19 +305,22 @@ def test_score_column_shows_the_scores_and_sorting_by_it_reorders_the_tasks(page
     shown = {int(r[1]): float(r[column]) for r in rows}
     assert shown == pytest.approx(expected, abs=1e-3)
     before = [int(r[1]) for r in rows]
-    shots(page, "02-data-manager-scores")
+    shots(page, "04-data-manager-scores")
 
     page.get_by_role("button", name="Order by").click()
     with page.expect_response(lambda r: "/api/tasks" in r.url and r.request.method == "GET"):
-        page.locator(".lsf-menu-dm__item", has_text="Prediction score").click()
+        page.locator(".lsf-menu-dm__item:not(:has(label))", has_text="Prediction score").click()
     by_score = sorted(expected, key=expected.get)  # least confident first: what to review first
     page.wait_for_function(f"() => ({ROWS_JS})().map(r => Number(r[1])).join() === '{','.join(map(str, by_score))}'")
     after = [int(r[1]) for r in page.evaluate(ROWS_JS)]
     assert after == by_score and after != before
-    shots(page, "03-data-manager-sorted-by-score")
+    page.get_by_role("button", name="Prediction score").click()  # close the menu (the button shows the order now)
+    page.locator(".lsf-menu-dm__item:not(:has(label))", has_text="Prediction score").wait_for(state="hidden")
+    shots(page, "05-data-manager-sorted-by-score")
 
 
-def test_the_labeling_view_draws_the_predicted_boxes(page, label_studio, project, shots):
+def test_the_labeling_view_draws_the_predicted_boxes(page, label_studio, predicted, shots):
+    project = predicted
     _open_task(page, label_studio, project, "shapes.jpg")
     page.locator("canvas").first.wait_for()
     truth = _truth_percent("shapes.jpg")
@@ -266,10 +332,11 @@ def test_the_labeling_view_draws_the_predicted_boxes(page, label_studio, project
     # the image-level reasoning is shown once, in the task-level text area of the side panel
     image_text = page.locator('[name^="image_reasoning:"][data-testid="htx-textbox-content"]')
     assert image_text.count() == 1 and "I look at the shapes" in image_text.inner_text()
-    shots(page, "04-labeling-predicted-boxes")
+    shots(page, "06-labeling-predicted-boxes")
 
 
-def test_selecting_a_region_shows_that_regions_own_reasoning(page, label_studio, project, shots):
+def test_selecting_a_region_shows_that_regions_own_reasoning(page, label_studio, predicted, shots):
+    project = predicted
     _open_task(page, label_studio, project, "shapes.jpg")
     region_text = page.locator('[name^="reasoning:"][data-testid="htx-textbox-content"]')
     for label, other in [("square", "circle"), ("circle", "square")]:
@@ -281,11 +348,12 @@ def test_selecting_a_region_shows_that_regions_own_reasoning(page, label_studio,
         assert len(texts) == 1, texts  # only the selected region's text is shown
         assert f"The {label} {WHERE[label]}" in texts[0]
         assert other not in texts[0] and WHERE[other] not in texts[0]
-        shots(page, f"05-region-reasoning-{label}")
+        shots(page, f"07-region-reasoning-{label}")
     page.keyboard.press("Escape")
 
 
-def test_a_typed_prompt_gives_one_suggestion_with_its_label_and_no_duplicate(page, label_studio, project, shots):
+def test_a_typed_prompt_gives_one_suggestion_with_its_label_and_no_duplicate(page, label_studio, predicted, shots):
+    project = predicted
     name = "wide.jpg"  # pre-annotated with the triangle only: the circle was missed
     _open_task(page, label_studio, project, name)
     assert _outliner_labels(page) == sorted(set(_truth_percent(name)) - {MISSED[name]})
@@ -302,16 +370,17 @@ def test_a_typed_prompt_gives_one_suggestion_with_its_label_and_no_duplicate(pag
     # the model boxed the circle AND the triangle again: only the circle comes back, labelled circle
     assert [r["value"]["rectanglelabels"] for r in suggested] == [[MISSED[name]]]
     page.locator(".lsf-auto-accept__info").filter(has_text=re.compile(r"^1 suggestions?$")).wait_for()
-    shots(page, "06-prompt-suggestion")
+    shots(page, "08-prompt-suggestion")
     page.locator('[data-testid="bottombar-accept-suggestions-button"]').click()
     page.locator(".lsf-outliner-item", has_text=MISSED[name]).wait_for()
     assert _outliner_labels(page) == sorted(_truth_percent(name))  # triangle + circle, nothing twice
     drawn = {r["label"]: (r["x"], r["y"], r["width"], r["height"]) for r in page.evaluate(RECTS_JS)}
     assert drawn[MISSED[name]] == pytest.approx(_truth_percent(name)[MISSED[name]], abs=0.5)
-    shots(page, "07-prompt-accepted")
+    shots(page, "09-prompt-accepted")
 
 
-def test_submit_with_auto_annotation_on_adds_no_suggestion(page, label_studio, project, shots):
+def test_submit_with_auto_annotation_on_adds_no_suggestion(page, label_studio, predicted, shots):
+    project = predicted
     name = "tall.jpg"
     _open_task(page, label_studio, project, name)
     before = _outliner_labels(page)
@@ -329,7 +398,7 @@ def test_submit_with_auto_annotation_on_adds_no_suggestion(page, label_studio, p
     page.get_by_text("Annotation saved successfully", exact=True).wait_for()
     assert page.locator(".lsf-auto-accept__info").filter(has_text=re.compile(r"[1-9]\d* suggestion")).count() == 0
     assert _outliner_labels(page) == before
-    shots(page, "08-submitted-no-suggestion")
+    shots(page, "10-submitted-no-suggestion")
     annotations = label_studio.call("GET", f"/api/tasks/{project['tasks'][name]}/annotations/")
     assert len(annotations) == 1 and sorted(r["value"]["rectanglelabels"][0] for r in
                                             _rectangles(annotations[0]["result"])) == before
