@@ -100,8 +100,11 @@ def test_retrieve_predictions_gives_one_prediction_per_task(label_studio, stack)
             assert set(v["rectanglelabels"]) <= labels
             assert 0 <= v["x"] <= 100 and 0 <= v["y"] <= 100
             assert v["x"] + v["width"] <= 100 + 1e-6 and v["y"] + v["height"] <= 100 + 1e-6
-        reasoning = [r for r in p["result"] if r["type"] == "textarea"]
+        # each box carries its own reasoning (same region id); the whole text comes once, without a region
+        reasoning = [r for r in p["result"] if r["type"] == "textarea" and r["from_name"] == "reasoning"]
         assert {r["id"] for r in reasoning} == {r["id"] for r in rects}
+        whole = [r for r in p["result"] if r["type"] == "textarea" and r["from_name"] == "image_reasoning"]
+        assert len(whole) == 1 and "x" not in whole[0]["value"]
     # asking again computes nothing new: Label Studio skips tasks that have this model_version
     label_studio._call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
                        json={"selectedItems": {"all": True, "excluded": []}})
