@@ -202,7 +202,9 @@ def page(label_studio, stack, shots):
         shots(pg, "00-login")
         pg.click('button[type="submit"]')
         pg.wait_for_url(lambda url: "/user/login" not in url)
-        pg.get_by_text("Recent Projects").wait_for()
+        pg.wait_for_load_state()
+        whoami = context.request.get(label_studio.url + "/api/current-user/whoami")  # the session cookie works
+        assert whoami.ok and whoami.json()["email"] == label_studio.username, whoami.text()
         yield pg
         context.close()
         browser.close()
