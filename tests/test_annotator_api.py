@@ -257,6 +257,7 @@ def test_interactive_failure_is_shown_in_label_studio(label_studio, redis_url, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_retrieve_predictions_on_5000_tasks(label_studio, redis_url, tmp_path):
     """Label Studio's own action on a 5,000-task project: one /predict with every task; the backend
     hands it to the bulk path and the workers write exactly one prediction per task."""
