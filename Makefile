@@ -4,16 +4,24 @@ PYTHON ?= python3
 VENV ?= .venv
 LSVENV ?= .lsvenv
 LABEL_STUDIO_VERSION ?= 1.23.2
-PIP_FLAGS ?= -q --disable-pip-version-check
+# pip prints what it collects and a progress bar per download: the first install takes minutes
+PIP_FLAGS ?= --disable-pip-version-check --progress-bar on
 CONSTRAINTS = -c requirements/constraints.txt
 
-.PHONY: demo test install install-ls check-redis bench-pipeline gpu-deps clean
+.PHONY: demo test install install-ls check-python check-redis bench-pipeline gpu-deps clean
+
+# python3 -m venv fails on Debian/Ubuntu without the python3-venv package: say so before anything else
+check-python:
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "$(PYTHON) cannot create virtual environments: apt-get install -y python3-venv (Debian/Ubuntu)"; exit 1; }
 
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/verl.txt
+	@$(MAKE) --no-print-directory check-python
+	@echo "==> [1/3] creating $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	@echo "==> [2/3] installing egm-assist with torch, transformers and the test tools (first run only: several minutes, about 6 GB)"
 	$(VENV)/bin/pip install $(PIP_FLAGS) $(CONSTRAINTS) -e '.[hf,export,train,test]'
-	# verl's dataset loader and reward loop for the GRPO export's test, without verl's training stack
+	@echo "==> [3/3] verl's dataset loader and reward loop, for the GRPO export's test (no training stack)"
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps -r requirements/verl.txt
 	touch $@
 
@@ -21,6 +29,8 @@ install: $(VENV)/.installed
 
 # Label Studio pins Django and many packages: it gets a virtual environment of its own.
 $(LSVENV)/.installed:
+	@$(MAKE) --no-print-directory check-python
+	@echo "==> creating $(LSVENV) with label-studio==$(LABEL_STUDIO_VERSION) for the end-to-end tests (first run only: a few minutes, about 1 GB)"
 	$(PYTHON) -m venv $(LSVENV)
 	$(LSVENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
 	$(LSVENV)/bin/pip install $(PIP_FLAGS) label-studio==$(LABEL_STUDIO_VERSION) "sentry-sdk>=2.16,<3"
@@ -45,5 +55,6 @@ bench-pipeline: install check-redis
 gpu-deps:
 	bash bench/gpu_deps/prepare.sh .gpu
 
+# everything the commands and tests create here (the demo's tiny model is cached in ~/.cache/egm-assist)
 clean:
-	rm -rf $(VENV) $(LSVENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LSVENV) out .egm .pytest_cache .hypothesis *.egg-info build dist

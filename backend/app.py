@@ -101,10 +101,13 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
     protected = [Depends(require_auth)] if settings.basic_auth_user else []
 
     @app.get("/", response_model=HealthResponse, include_in_schema=False)
-    @app.get("/health", response_model=HealthResponse)
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
     def health() -> HealthResponse:
         h = versions.health()
-        return HealthResponse(model_version=h.model_version, workers=h.workers, detail=h.detail)
+        body = HealthResponse(status="UP" if h.up else "DOWN", model_version=h.model_version, workers=h.workers,
+                              detail=h.detail)
+        # DOWN is a 503 so Label Studio's connection check (and any HTTP probe) tells the truth
+        return body if h.up else JSONResponse(body.model_dump(), 503)
 
     @app.post("/setup", response_model=SetupResponse, responses=ERRORS, dependencies=protected)
     def setup(req: SetupRequest) -> SetupResponse:

@@ -13,6 +13,7 @@ class _Open(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    #: UP, or DOWN (with a 503) while the queue (Redis) is unreachable.
     status: str = "UP"
     model_class: str = "EGM"
     #: the version of the live workers (egm.fleet); None while no worker serves a model.

@@ -149,12 +149,12 @@ class Predictor:
             return PredictResponse(results=[[] for _ in req.tasks])
         self._check_prompt(expression)
         label = prompt_label(expression, config.target, extract_selected_label(context, config.target),
-                             self.settings.prompt_default_label)
+                             config.default_label or self.settings.prompt_default_label)
         version = self.versions.health().model_version
         if label is None:
             names = ", ".join(config.target.labels)
             why = (f'which label is "{expression}"? Name one of {names} in the prompt '
-                   f"(or set EGM_PROMPT_DEFAULT_LABEL)")
+                   f'(or mark a default: <Label default="true">, EGM_PROMPT_DEFAULT_LABEL)')
             return PredictResponse(results=[interactive.message(config, why, version) for _ in req.tasks])
         try:
             answer = self._run(req, config, label)

@@ -13,6 +13,7 @@ import redis
 
 from egm.config.settings import Settings
 from egm.fleet import Fleet, FleetError
+from egm.logs import redact
 from egm.queue import QueueClient
 
 
@@ -22,6 +23,9 @@ class FleetHealth:
     workers: int
     #: why there is no model_version (no live worker, Redis unreachable), else None.
     detail: str | None = None
+    #: False when the queue (Redis) is unreachable: /health answers 503 DOWN, so Label Studio's
+    #: connection check fails with the reason. No live worker is not DOWN: workers come and go.
+    up: bool = True
 
 
 class VersionSource:
@@ -37,7 +41,8 @@ class VersionSource:
         try:
             view = self.fleet.view()
         except redis.RedisError as exc:
-            return FleetHealth(None, 0, f"Redis unreachable ({type(exc).__name__}): no worker can be reached")
+            return FleetHealth(None, 0, f"queue unreachable: Redis at {redact(self.settings.redis_url)} does not "
+                                        f"answer ({type(exc).__name__}); start it or fix REDIS_URL", up=False)
         try:
             return FleetHealth(view.current_version(), len(view.ready))
         except FleetError as exc:

@@ -76,20 +76,34 @@ def _settings(env: dict[str, str]):
                 os.environ[k] = v
 
 
-def _written_version(ls, project_id: int, before: set[int]) -> str | None:
-    """The model_version the live worker wrote under: the worker owns its identity (issue 11), so the
-    loop reads it off the predictions this stage created instead of computing it itself."""
-    with ls.client() as client:
-        fresh = [p for p in client.list_predictions(project_id=project_id) if p.id not in before]
-    versions = {p.model_version for p in fresh if p.model_version}
-    if len(versions) > 1:
-        raise RuntimeError(f"one prelabel run wrote under several model versions: {sorted(versions)}")
-    return versions.pop() if versions else None
-
-
 def _prediction_ids(ls, project_id: int) -> set[int]:
     with ls.client() as client:
         return {p.id for p in client.list_predictions(project_id=project_id)}
+
+
+def _run_versions(redis_url: str, prefix: str) -> dict[str, str]:
+    """Every bulk run the store knows, with the model_version it was planned for."""
+    import redis
+
+    from egm.runs import RunStore
+
+    store = RunStore(redis.Redis.from_url(redis_url), prefix)
+    return {run: p.model_version for run in store.runs() if (p := store.progress(run)) and p.model_version}
+
+
+def _served_version(ls, project_id: int, predictions_before: set[int], runs_after: dict[str, str],
+                    runs_before: dict[str, str]) -> str | None:
+    """The model_version a prelabel stage ran under. The worker owns its identity (issue 11), so the
+    loop reads it off what the stage left: the predictions it wrote, else (a model whose every answer
+    failed to parse writes none) the run it planned, which the live worker's version names."""
+    with ls.client() as client:
+        fresh = [p for p in client.list_predictions(project_id=project_id) if p.id not in predictions_before]
+    versions = {p.model_version for p in fresh if p.model_version}
+    if not versions:
+        versions = {v for run, v in runs_after.items() if run not in runs_before}
+    if len(versions) > 1:
+        raise RuntimeError(f"one prelabel stage ran under several model versions: {sorted(versions)}")
+    return versions.pop() if versions else None
 
 
 def _stage_done(ws: Workspace, name: str, **result) -> None:
@@ -189,6 +203,7 @@ def cmd_prelabel(ws: Workspace, args, stack=None) -> int:
                    "EGM_QUEUE_PREFIX": f"loop{os.getpid()}", "LABEL_STUDIO_URL": ls.url,
                    "LABEL_STUDIO_API_KEY": ls.token, "EGM_BATCH_SIZE": str(args.engine_batch),
                    "EGM_BULK_BATCH_SIZE": str(args.job_size)}
+            runs_before = _run_versions(env["REDIS_URL"], env["EGM_QUEUE_PREFIX"])
             log = ws.logs / f"prelabel-{args.model}-{split}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             print(f"pre-annotating {split} (project {pid}) with {args.model}; log {log}", flush=True)
@@ -205,7 +220,8 @@ def cmd_prelabel(ws: Workspace, args, stack=None) -> int:
                       f"(see {log})", file=sys.stderr)
                 code = result.returncode
                 continue
-            version = _written_version(ls, pid, before) or ws.state.get("versions", {}).get(args.model)
+            version = _served_version(ls, pid, before, _run_versions(env["REDIS_URL"], env["EGM_QUEUE_PREFIX"]),
+                                      runs_before) or ws.state.get("versions", {}).get(args.model)
             if version is None:
                 print(f"error: {args.model} wrote no prediction in project {pid} (see {log})", file=sys.stderr)
                 code = 1

@@ -27,7 +27,8 @@ from egm.fleet import Fleet, FleetError, FleetView, NoLiveWorker, WorkerState
 from egm.queue import connect
 from egm.runs import RunProgress
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_FAILED_TASKS, EXIT_NOT_DONE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from egm.cli.errors import (EXIT_ERROR, EXIT_FAILED_TASKS, EXIT_INTERRUPTED, EXIT_NOT_DONE, EXIT_OK,  # noqa: F401
+                            EXIT_TERMINATED, EXIT_USAGE, Terminated)
 
 
 @dataclass
@@ -111,6 +112,19 @@ class LocalWorkers:
         return sorted(versions, key=lambda v: -view.first_seen.get(v, view.now))
 
 
+def model_source(settings: Settings) -> str:
+    """Where local workers get their model from, in words (a hub download can take minutes, or fail)."""
+    if settings.engine in ("hf", "vllm"):
+        if settings.model_dir:
+            return f"{settings.engine} engine, MODEL_DIR {settings.model_dir}"
+        return f"{settings.engine} engine, {settings.model_id} from the Hugging Face Hub: MODEL_DIR is unset"
+    if settings.engine == "openai":
+        from egm.logs import redact
+
+        return f"openai engine, model server {redact(settings.openai_base_url)}"
+    return f"{settings.engine} engine"
+
+
 def choose_version(settings: Settings, options: DriveOptions, printer: ProgressPrinter,
                    workers: LocalWorkers | None = None) -> str:
     """Wait for a ready worker (ours when we started some) and return the version to plan for."""
@@ -130,7 +144,7 @@ def choose_version(settings: Settings, options: DriveOptions, printer: ProgressP
             printer.message(f"waiting for {len(loading)} worker(s) to load the model ({waited:.0f} s)")
         else:
             printer.message(f"no live worker for {waited:.0f} s (gives up after {settings.worker_wait_s:.0f} s, "
-                            f"EGM_WORKER_WAIT_S): start `egm-assist worker` or pass --local-workers N")
+                            f"EGM_WORKER_WAIT_S): start 'egm-assist worker' or pass --local-workers N")
 
     accept = (lambda view: bool(workers.ready_versions(view))) if workers is not None else None
     view = fleet.wait_for_ready(settings.worker_wait_s, start_timeout_s=settings.worker_start_timeout_s,
@@ -176,7 +190,7 @@ class FleetWatch:
             self.printer.message(
                 f"note: no live worker serves this run's model_version {version} any more (live: "
                 f"{', '.join(sorted(live))}); its queued batches fail after EGM_VERSION_WAIT_S "
-                f"({self.settings.version_wait_s:.0f} s) unless one comes back. Run `egm-assist prelabel` again to "
+                f"({self.settings.version_wait_s:.0f} s) unless one comes back. Run 'egm-assist prelabel' again to "
                 f"plan a new run for the live version")
 
 
@@ -187,7 +201,8 @@ def drive(make_run: Callable[[str], BulkRun], settings: Settings, options: Drive
     out = out or sys.stdout
     if options.local_workers > 0:
         log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="egm-prelabel-"))
-        printer.message(f"starting {options.local_workers} local worker(s); logs in {log_dir}")
+        printer.message(f"starting {options.local_workers} local worker(s) ({model_source(settings)}); "
+                        f"logs in {log_dir}")
         with LocalWorkers(settings, options.local_workers, options.worker_env, log_dir, options.devices) as workers:
             return _with_version(make_run, settings, options, printer, out, workers)
     return _with_version(make_run, settings, options, printer, out, None)
@@ -202,10 +217,10 @@ def _with_version(make_run, settings: Settings, options: DriveOptions, printer: 
         hint = f" ({options.pin_hint})" if options.pin_hint and options.pinned_version else ""
         print(f"error: {exc}{hint}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         printer.close()
-        print("\ninterrupted while waiting for a worker: nothing was planned", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"\n{_stopped(exc)} while waiting for a worker: nothing was planned", file=sys.stderr)
+        return _interrupt_code(exc)
     run = make_run(version)
     return _drive(run, options, printer, out, FleetWatch(settings, run, printer, workers, options.wait_report_s))
 
@@ -226,15 +241,15 @@ def _drive(run: BulkRun, options: DriveOptions, printer: ProgressPrinter, out, w
         print(f"error: {exc}; run {run.run_id} resumes with the same command (egm-assist status {run.run_id})",
               file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         printer.close()
         where = ("wait in Redis for workers (the local ones stop now)" if options.local_workers
                  else "keep running on the workers")
-        print(f"\ninterrupted: batches already queued {where}.\n"
+        print(f"\n{_stopped(exc)}: batches already queued {where}.\n"
               f"  resume:  run the same command again\n"
               f"  status:  egm-assist status {run.run_id}\n"
               f"  cancel:  egm-assist cancel {run.run_id}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupt_code(exc)
     except TimeoutError as exc:
         printer.close()
         print(f"{exc}; it goes on in the workers: egm-assist status {run.run_id}", file=sys.stderr)
@@ -245,6 +260,14 @@ def _drive(run: BulkRun, options: DriveOptions, printer: ProgressPrinter, out, w
     if outcome.progress.state == "cancelled" or not outcome.complete:
         return EXIT_NOT_DONE
     return EXIT_FAILED_TASKS if outcome.failed else EXIT_OK
+
+
+def _stopped(exc: KeyboardInterrupt) -> str:
+    return "terminated" if isinstance(exc, Terminated) else "interrupted"
+
+
+def _interrupt_code(exc: KeyboardInterrupt) -> int:
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
 def summary_line(p: RunProgress) -> str:

@@ -173,10 +173,14 @@ class Settings(BaseSettings):
     bulk_batch_size: int = Field(
         64, validation_alias=_env("EGM_BULK_BATCH_SIZE"),
         description="Tasks per bulk batch job (prelabel). Large jobs amortise the Label Studio write "
-                    "(one import request per job); the engine still runs EGM_BATCH_SIZE images at a time.",
+                    "(one import request per job); the engine still runs EGM_BATCH_SIZE images at a time. "
+                    "Default = EGM_BATCH_SIZE: one job is one engine batch (why: docs/configuration.md).",
     )
-    batch_size: int = Field(8, validation_alias=_env("EGM_BATCH_SIZE"),
-                            description="Images per engine call, and tasks per interactive batch job.")
+    batch_size: int = Field(64, validation_alias=_env("EGM_BATCH_SIZE"),
+                            description="Images per engine call (the hf engine's largest batch bucket), and tasks "
+                                        "per interactive batch job. 64 from the GPU measurements "
+                                        "(docs/configuration.md, Batch sizes); raise to 128-256 on a card with "
+                                        "room for the KV cache.")
     compile: bool = Field(False, validation_alias=_env("EGM_COMPILE"),
                           description="hf engine: static KV cache + torch.compile of the decode step (GPU).")
     openai_base_url: str = Field("http://127.0.0.1:8000/v1", validation_alias=_env("EGM_OPENAI_BASE_URL"),
@@ -245,6 +249,16 @@ class Settings(BaseSettings):
         description="How long a writer holds an outbox entry without renewing it before any worker may take the "
                     "entry over (renewed every third of it while the write runs).",
     )
+    preempt_interactive: bool = Field(
+        True, validation_alias=_env("EGM_PREEMPT_INTERACTIVE"),
+        description="A worker serving both queues runs a waiting interactive job during a pause of the bulk batch "
+                    "on its engine (hf, scripted: every few decode steps and inside the prefill) instead of after "
+                    "the batch; the bulk batch's answers do not change. See docs/gpu.md.",
+    )
+    preempt_check_s: float = Field(
+        0.05, validation_alias=_env("EGM_PREEMPT_CHECK_S"), ge=0.0,
+        description="How often, at most, a paused bulk batch looks at the interactive queue (one Redis LINDEX).",
+    )
     outbox_max_pending: int = Field(
         4, validation_alias=_env("EGM_OUTBOX_MAX_PENDING"), ge=1,
         description="A worker with this many unwritten bulk results waits before filing another (Label Studio "
@@ -281,10 +295,13 @@ class Settings(BaseSettings):
     )
 
     # --- Logging -------------------------------------------------------------
-    log_level: str = Field("INFO", validation_alias=_env("EGM_LOG_LEVEL", "LOG_LEVEL"),
-                           description="Log level.")
-    log_format: Literal["json", "text"] = Field("json", validation_alias=_env("EGM_LOG_FORMAT"),
-                                                description="json (structured, one object per line) or text.")
+    log_level: str | None = Field(None, validation_alias=_env("EGM_LOG_LEVEL", "LOG_LEVEL"),
+                                  description="Log level; unset: INFO for serve and worker, WARNING for the "
+                                              "other commands (their progress is printed, not logged).")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", validation_alias=_env("EGM_LOG_FORMAT"),
+        description="json (structured, one object per line), text, or auto: json for serve and worker, and for "
+                    "other commands text when stderr is a terminal, json otherwise.")
 
     @property
     def model_path(self) -> str:

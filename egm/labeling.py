@@ -49,6 +49,9 @@ class LabelingConfig:
     #: non-per-region TextArea that shows the annotator why an interactive request gave no box
     #: (named ``message`` if there is one, else another non-per-region TextArea than the prompt).
     message_from_name: str | None = None
+    #: label of a typed prompt's box when the prompt names none: a ``<Label default="true">``, else a
+    #: ``<Label selected="true">`` (the label Label Studio preselects in the toolbar).
+    default_label: str | None = None
 
 
 _cache: OrderedDict[str, LabelingConfig | LabelingConfigError] = OrderedDict()
@@ -77,7 +80,8 @@ def parse_labeling_config(xml: str) -> LabelingConfig:
         raise LabelingConfigError(str(hit))
     # Hand out a copy: LabelTarget is mutable and the cached one is shared.
     return LabelingConfig(target=hit.target.model_copy(deep=True), prompt_from_name=hit.prompt_from_name,
-                          image_value_key=hit.image_value_key, message_from_name=hit.message_from_name)
+                          image_value_key=hit.image_value_key, message_from_name=hit.message_from_name,
+                          default_label=hit.default_label)
 
 
 def clear_cache() -> None:
@@ -114,7 +118,7 @@ def _parse(xml: str) -> LabelingConfig:
                          reasoning_from_name=reasoning, image_reasoning_from_name=image_reasoning,
                          image_key=image_key)
     return LabelingConfig(target=target, prompt_from_name=prompt, image_value_key=image_key,
-                          message_from_name=message)
+                          message_from_name=message, default_label=_default_label(rect))
 
 
 def _interface(xml: str):
@@ -158,6 +162,15 @@ def _labels_and_aliases(control: Any) -> tuple[list[str], dict[str, str]]:
     for value in labels:
         aliases[value.strip().lower()] = value
     return labels, aliases
+
+
+def _default_label(control: Any) -> str | None:
+    tags = [(value, getattr(tag, "attr", {}) or {}) for value, tag in (getattr(control, "labels_attrs", None) or {}).items()]
+    for attribute in ("default", "selected"):
+        for value, attrs in tags:
+            if value and _is_true(attrs.get(attribute)):
+                return value
+    return None
 
 
 def _pick(textareas: list[Any], *, per_region: bool, preferred: str) -> str | None:

@@ -443,8 +443,8 @@ class LabelStudioClient:
 
     def _backoff(self, attempt: int, method: str, path: str, why: str) -> int:
         delay = min(self.backoff_s * (2 ** attempt), 8.0) * (0.5 + random.random() / 2)
-        log.warning("label studio %s %s failed (%s); retry %d/%d in %.2fs", method, _path_only(path), why,
-                    attempt + 1, self.retries, delay)
+        log.info("label studio %s %s failed (%s); retry %d/%d in %.2fs", method, _path_only(path), why,
+                 attempt + 1, self.retries, delay)
         time.sleep(delay)
         return attempt + 1
 

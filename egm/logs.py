@@ -1,4 +1,9 @@
-"""Structured logging: one JSON object per line, secrets redacted.
+"""Logging: one JSON object per line for services and machines, plain text for people; secrets redacted.
+
+``EGM_LOG_FORMAT=auto`` (the default) picks per process: the services (``serve``, ``worker``) write
+JSON lines, other commands write ``level: message (key=value ...)`` when stderr is a terminal and
+JSON otherwise. Commands log warnings and errors only unless ``EGM_LOG_LEVEL`` says otherwise: what
+a person needs to read they print; logs are for what went wrong.
 
 Every log record passes through :class:`RedactingFilter`, which replaces any
 known secret (API keys, passwords from the settings) and anything that looks
@@ -71,21 +76,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def configure_logging(settings: Settings, stream=None) -> None:
-    """Install the redacting, structured handler on the root logger (idempotent)."""
+class TextFormatter(logging.Formatter):
+    """``warning: message (key=value, ...)``; an exception adds its last line, not a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = [f"{k}={v}" for k, v in record.__dict__.items()
+                  if k not in _STANDARD_ATTRS and not k.startswith("_") and k != "color_message"]
+        text = f"{record.levelname.lower()}: {record.getMessage()}"
+        if extras:
+            text += f" ({', '.join(extras)})"
+        if record.exc_text:
+            text += f" [{record.exc_text.strip().splitlines()[-1]}]"
+        return text
+
+
+def log_format(settings: Settings, stream, service: bool) -> str:
+    """``json`` or ``text``: what ``EGM_LOG_FORMAT`` asks, ``auto`` decided for this process."""
+    if settings.log_format != "auto":
+        return settings.log_format
+    if service:
+        return "json"
+    isatty = getattr(stream, "isatty", None)
+    return "text" if callable(isatty) and isatty() else "json"
+
+
+def configure_logging(settings: Settings, stream=None, *, service: bool = True) -> None:
+    """Install the redacting handler on the root logger (idempotent). ``service``: a long-running
+    process (backend, worker), which logs JSON at INFO unless configured otherwise."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_egm", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
     handler._egm = True  # type: ignore[attr-defined]
     handler.addFilter(RedactingFilter(settings.secret_values()))
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if log_format(settings, stream, service) == "json" else TextFormatter())
     root.addHandler(handler)
-    root.setLevel(settings.log_level.upper())
+    root.setLevel((settings.log_level or ("INFO" if service else "WARNING")).upper())
     # RQ logs job descriptions with arguments; keep it at warning unless debugging.
     logging.getLogger("rq.worker").setLevel(max(logging.INFO, root.level))
     for noisy in ("httpx", "httpcore", "urllib3", "PIL"):

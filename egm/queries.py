@@ -11,8 +11,8 @@
 The label of a typed prompt's box (:func:`prompt_label`): the label the annotator selected
 when Label Studio sends it, else the label the expression names ("the two yellow circles"
 -> ``circle``; a ``predicted_values`` name counts for its label, matched as
-:func:`egm.reasoning.first_label_named` matches), else the configured default
-(``EGM_PROMPT_DEFAULT_LABEL``), else none: the request is answered with a message, never
+:func:`egm.reasoning.first_label_named` matches), else the default (the labeling config's
+``<Label default="true">`` or ``selected="true"``, else ``EGM_PROMPT_DEFAULT_LABEL``), else none: the request is answered with a message, never
 silently with the config's first label.
 """
 

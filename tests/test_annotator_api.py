@@ -104,6 +104,10 @@ def test_prompt_label_comes_from_the_expression_or_the_default_never_the_first_l
     with TestClient(create_app(reload_settings())) as client:
         defaulted = _predict(client, _prompt("the yellow one"))
         assert [r["value"]["rectanglelabels"] for r in _rects(defaulted["result"])] == [["circle"]]
+        # the labeling config's own default wins over the setting
+        marked = PROMPT_CONFIG.replace('<Label value="square"/>', '<Label value="square" default="true"/>')
+        by_config = _predict(client, _prompt("the yellow one"), config=marked)
+        assert [r["value"]["rectanglelabels"] for r in _rects(by_config["result"])] == [["square"]]
 
 
 def test_prompted_box_overlapping_a_region_of_the_task_is_not_suggested_again(settings, worker):
@@ -138,6 +142,17 @@ def test_interactive_failures_answer_a_message(settings, tmp_path):
             assert "missing.jpg" in _message(broken["result"]) and broken["score"] == 0
     finally:
         processes.stop(proc)
+
+
+def test_setup_answers_at_once_when_label_studio_is_unreachable(settings, worker, monkeypatch):
+    """The score-column sync talks to Label Studio in the background: /setup never waits for it or fails."""
+    monkeypatch.setenv("LABEL_STUDIO_URL", f"http://127.0.0.1:{processes.free_port()}")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0" * 40)
+    from egm.config.settings import reload_settings
+
+    with TestClient(create_app(reload_settings())) as client:
+        resp = client.post("/setup", json={"project": "3.1700000000", "schema": PROMPT_CONFIG})
+        assert resp.status_code == 200 and resp.json()["model_version"] == client.get("/health").json()["model_version"]
 
 
 # --------------------------------------------------------------------------- with the real Label Studio
@@ -214,6 +229,23 @@ def test_score_column_sorts_by_the_live_version_across_version_changes(label_stu
         stack.stop()
 
 
+def test_score_column_sync_with_a_basic_auth_backend(label_studio, redis_url, tmp_path):
+    """Label Studio validates an ML backend update like a new connection: the rename sends our credentials."""
+    user, password = "ls-backend", "pw-" + "q8Rt5vXa"
+    stack = Stack(label_studio, redis_url, tmp_path, BASIC_AUTH_USER=user, BASIC_AUTH_PASS=password).start()
+    try:
+        project = label_studio.create_project(CONFIG)
+        label_studio.call("POST", "/api/ml/", json={"url": stack.url, "project": project, "title": "egm",
+                                                    "auth_method": "BASIC_AUTH", "basic_auth_user": user,
+                                                    "basic_auth_pass": password})
+        version = httpx.get(stack.url + "/health").json()["model_version"]
+        _wait(lambda: _shows(label_studio, project, version), what=f"project and ML backend named {version}")
+        for log in tmp_path.glob("*.log"):
+            assert password not in log.read_text(), log.name
+    finally:
+        stack.stop()
+
+
 def test_typed_prompts_in_label_studio(label_studio, redis_url, tmp_path):
     stack = Stack(label_studio, redis_url, tmp_path).start()
     try:
@@ -257,6 +289,7 @@ def test_interactive_failure_is_shown_in_label_studio(label_studio, redis_url, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_retrieve_predictions_on_5000_tasks(label_studio, redis_url, tmp_path):
     """Label Studio's own action on a 5,000-task project: one /predict with every task; the backend
     hands it to the bulk path and the workers write exactly one prediction per task."""

@@ -34,10 +34,11 @@ def test_parse_prints_reasoning_grid_and_pixel_boxes():
                              "pixels": [284.16, 224.64, 484.48, 357.6]}]
 
 
-def test_parse_never_fails_on_garbage():
+def test_parse_never_crashes_on_garbage_and_exits_1_when_unparseable():
     out = _cli("parse", "--width", "10", "--height", "10", stdin="\x00\xff not an answer [1, 2")
-    assert out.returncode == 0
+    assert out.returncode == 1
     assert json.loads(out.stdout)["status"] == "unparseable"
+    assert out.stderr.decode().count("\n") == 1 and "unparseable" in out.stderr.decode()
 
 
 def test_parse_rejects_bad_size():

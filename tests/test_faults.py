@@ -5,7 +5,8 @@ with append-only persistence, for the restart test), the real Label Studio of th
 and a TCP proxy (:mod:`tests.tcp_proxy`) to cut links. After each fault every task must end
 with exactly one prediction of our model version in Label Studio, or be listed as failed
 with a reason; the queues must drain. (SIGKILL of a worker in the middle of *computing* a
-batch is covered by the bulk-run tests; here a worker dies in the middle of *writing*.)
+batch is covered by the bulk-run tests; here a worker dies in the middle of *writing*, and in the
+middle of an interactive job it runs during a pause of a bulk batch.)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import uuid
 
 import pytest
+from rq.registry import StartedJobRegistry
 
 from egm.contract import Priority
 from egm.queue import QueueClient
@@ -142,6 +144,43 @@ def test_worker_killed_in_the_middle_of_its_label_studio_write(label_studio, red
     out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 90, "every task settled")
     assert not out.duplicated and not out.failed
     assert all(out.counts[t] == 1 for t in tasks)
+
+
+def test_worker_killed_in_the_middle_of_an_interactive_job_run_in_a_pause(label_studio, redis_url, ls_proxy,
+                                                                           procs):
+    """The bulk batch is paused and the interactive job runs inside it when the worker is SIGKILLed:
+    both jobs sit in RQ's started registries; once their heartbeats lapse another worker runs both
+    again and every task ends with exactly one prediction (the interactive one delivered late, as
+    /predict had handed it off)."""
+    prefix = f"pre{uuid.uuid4().hex[:6]}"
+    queue = _queue(redis_url, prefix)
+    project, tasks = ls_project(label_studio, 5)
+    run_id = f"run-{prefix}"
+    items = list(tasks.items())
+    bulk, late = dict(items[:4]), dict(items[4:])
+    (interactive,) = bulk_jobs(project, late, None, size=1, write=False)
+    interactive.priority = Priority.interactive
+    queue.hand_off(interactive.job_id)  # /predict gave up waiting: the worker delivers it
+    start_run(queue, run_id, bulk_jobs(project, bulk, run_id, size=4))
+    p = procs(redis_url, prefix, label_studio=label_studio, ls_url=ls_proxy.url, EGM_SCRIPTED_DELAY_S="4",
+              EGM_PREEMPT_CHECK_S="0")
+    p.worker("w1")
+    version = interactive.model_version
+    bulk_started = StartedJobRegistry(queue=queue.queue(Priority.bulk, version))
+    interactive_started = StartedJobRegistry(queue=queue.queue(Priority.interactive, version))
+    wait_until(lambda: bulk_started.count == 1, 60, "the bulk batch on the engine")
+    queue.enqueue(interactive)
+    wait_until(lambda: "interactive job runs in a pause" in p.log_text("w1"), 30, "the interactive job in a pause")
+    wait_until(lambda: interactive_started.count == 1, 10, "the interactive job started through RQ")
+    p.kill("w1")  # SIGKILL: the bulk batch paused, the interactive job on the engine
+    assert bulk_started.count == 1 and interactive_started.count == 1  # both remembered as running
+    assert queue.result(interactive.job_id) is None and outcome(label_studio, project, tasks).counts.total() == 0
+    p.worker("w2", EGM_SCRIPTED_DELAY_S="0.2")
+    out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 120, "every task settled")
+    assert not out.duplicated and not out.failed
+    assert all(out.counts[t] == 1 for t in tasks)
+    assert queue.result(interactive.job_id) is not None
+    assert queue.redis.get(queue.key("deliver", interactive.job_id)) == b"worker"
 
 
 # --------------------------------------------------------------------------- write-behind outbox

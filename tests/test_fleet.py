@@ -188,14 +188,14 @@ def test_prelabel_with_a_local_worker_that_cannot_load_its_model_stops_with_the_
                EGM_WORKER_WAIT_S="600", EGM_WORKER_START_TIMEOUT_S="600")
     assert out.returncode == 1, out.stderr
     (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert "exited" in line and "could not load the model from '/nonexistent'" in line
+    assert "exited" in line and "MODEL_DIR /nonexistent does not exist" in line
 
 
 def test_demo_with_a_missing_model_stops_with_the_workers_reason(settings, tmp_path):
     out = _cli("demo", "--out", str(tmp_path / "demo"), MODEL_DIR="/nonexistent", EGM_ENGINE="hf",
                EGM_WORKER_WAIT_S="600", EGM_WORKER_START_TIMEOUT_S="600")
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "could not load the model from '/nonexistent'" in out.stderr
+    assert "MODEL_DIR /nonexistent does not exist" in out.stderr
     assert "Traceback" not in out.stderr
 
 

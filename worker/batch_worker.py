@@ -17,6 +17,11 @@ of that ``model_version``. A served model (``openai`` engine) may change behind 
 the worker asks the server between jobs and, when the model changed, re-identifies and
 moves to the new version's queues before it takes another job. Between jobs it also fails
 jobs of versions no live worker serves (egm.unserved).
+
+Interactive jobs during bulk batches (egm.worker.preempt): the engine pauses the bulk batch and
+:meth:`BatchWorker.run_inline` runs a waiting interactive job through RQ right there (its own
+execution, registries and result); the heartbeat thread beats for every job in progress, the
+paused one included, so neither looks abandoned.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from egm.config.settings import Settings
 from egm.contract import Priority
@@ -48,6 +54,7 @@ from egm.worker.engines import Engine, EngineError, create_engine
 from egm.worker.identity import IdentityError, identify
 from egm.worker.outbox import BackgroundWriter, Outbox
 from egm.worker.pipeline import BatchProcessor
+from egm.worker.preempt import Preemptor
 from egm.worker.prefetch import Prefetcher
 from egm.worker.presence import Presence
 
@@ -64,6 +71,9 @@ class BatchWorker(SimpleWorker):
     reidentify: bool = False
     #: called between jobs: fails overdue jobs of versions no live worker serves (egm.unserved).
     sweep = None
+    #: (job, execution) of the jobs in progress: the running one, and one run in a pause of its batch.
+    #: Replaced, never mutated: the heartbeat thread reads it.
+    _running: list = []
 
     def handle_warm_shutdown_request(self) -> None:
         self.stop_asked = True
@@ -87,14 +97,46 @@ class BatchWorker(SimpleWorker):
             queue.push_job_id(job.id, at_front=True)
             self.reidentify = True
             raise StopRequested()
+        self._running = []
         stop = threading.Event()
-        beat = threading.Thread(target=self._beat, args=(job, stop), name="egm-heartbeat", daemon=True)
+        beat = threading.Thread(target=self._beat, args=(stop,), name="egm-heartbeat", daemon=True)
         beat.start()
         try:
             super().execute_job(job, queue)
         finally:
             stop.set()
             beat.join(timeout=self.heartbeat_s + 1)
+            self._running = []
+
+    # -- jobs in progress: the running one and, during a pause of its batch, an interactive one ----------
+    def prepare_execution(self, job: Job):
+        execution = super().prepare_execution(job)
+        self._running = [*self._running, (job, execution)]
+        return execution
+
+    def cleanup_execution(self, job: Job, pipeline) -> None:
+        super().cleanup_execution(job, pipeline)
+        self._running = [(j, e) for j, e in self._running if j.id != job.id]
+
+    def run_inline(self, job: Job, queue: Queue) -> None:
+        """Run a dequeued job to completion inside the job in progress (whose batch is paused), through
+        RQ as :meth:`execute_job` would; then give the paused job back its execution, name and alarm."""
+        outer = list(self._running)
+        if len(outer) != 1:
+            raise RuntimeError("run_inline needs exactly one job in progress")
+        outer_job, outer_execution = outer[0]
+        alarm_left = signal.alarm(0)  # the paused job's timeout (RQ's death penalty is SIGALRM)
+        alarm_handler = signal.getsignal(signal.SIGALRM)
+        try:
+            self.prepare_execution(job)
+            self.perform_job(job, queue)  # started registry ... result, finished/failed registry
+        finally:
+            self._running = outer
+            self.execution = outer_execution
+            self.set_current_job_id(outer_job.id)
+            signal.signal(signal.SIGALRM, alarm_handler)
+            if alarm_left:
+                signal.alarm(alarm_left)  # the pause does not count against the paused job's time
 
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
@@ -112,14 +154,28 @@ class BatchWorker(SimpleWorker):
             self.reidentify = True
             raise StopRequested()
 
-    def _beat(self, job: Job, stop: threading.Event) -> None:
+    def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_s):
-            if getattr(self, "execution", None) is None:
-                continue
             try:
-                self.maintain_heartbeats(job)
+                self._beat_running()
             except Exception:  # a missed beat is harmless; the next one retries
-                log.warning("heartbeat failed", extra={"job_id": job.id}, exc_info=True)
+                log.warning("heartbeat failed", exc_info=True)
+
+    def _beat_running(self) -> None:
+        """RQ's maintain_heartbeats for every job in progress (it knows only ``self.execution``)."""
+        running = list(self._running)
+        if not running:
+            return
+        with self.connection.pipeline() as pipeline:
+            self.heartbeat(self.job_monitoring_interval + 60, pipeline=pipeline)
+            for job, execution in running:
+                ttl = int(self.get_heartbeat_ttl(job))
+                execution.heartbeat(job.started_job_registry, ttl, pipeline=pipeline)
+                job.heartbeat(now(), ttl, pipeline=pipeline, xx=True)
+            results = pipeline.execute()
+            if results[0] == 1:  # the worker's hash had expired: write it whole again (as RQ does)
+                pipeline.hset(self.key, mapping=self.serialize())
+                pipeline.execute()
 
 
 def make_label_studio_client(settings: Settings):
@@ -145,6 +201,10 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
     if settings.prefetch:
         rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order,
                                    model_version=identity.model_version)
+    served = order or [Priority.interactive, Priority.bulk]
+    if settings.preempt_interactive and engine.pauses and Priority.interactive in served and Priority.bulk in served:
+        rt.preemptor = Preemptor(queue, identity.model_version, check_every_s=settings.preempt_check_s,
+                                 prefetcher=rt.prefetcher)
     if settings.write_behind:
         outbox = Outbox(queue.redis, settings.queue_prefix, settings.outbox_lease_s)
         rt.outbox = BackgroundWriter(outbox, lambda entry: jobs.write_entry(entry, rt),
@@ -182,7 +242,9 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         except Exception as exc:
             reason = failure_reason(exc, settings.secret_values())
             presence.failed(reason)
-            log.error("worker failed to start", extra={"worker": worker_name, "reason": reason}, exc_info=True)
+            # our own errors say all in their reason; anything else gets its traceback in the log
+            log.error("worker failed to start", extra={"worker": worker_name, "reason": reason},
+                      exc_info=not isinstance(exc, (EngineError, IdentityError)))
             if engine is not None:
                 engine.close()
             raise
@@ -248,11 +310,14 @@ def _serve(settings: Settings, queue: QueueClient, name: str, order: list[Priori
     try:
         while True:
             worker = _new_worker(settings, queue, name, order, engine, identity)
+            if rt.preemptor is not None:
+                rt.preemptor.run_inline = worker.run_inline
+                rt.preemptor.stopping = lambda w=worker: w.stop_asked
             log.info("worker ready", extra={"worker": name, "queues": [q.name for q in worker.queues],
                                             "engine": engine.name, "model_version": identity.model_version})
             try:
                 worked = worker.work(burst=burst, max_jobs=max_jobs,
-                                     logging_level=settings.log_level.upper()) or worked
+                                     logging_level=(settings.log_level or "INFO").upper()) or worked
                 if worker.reidentify and not worker.stop_asked:
                     previous = identity.model_version
                     try:

@@ -8,6 +8,9 @@ loaded while the previous batch ran (:mod:`egm.worker.prefetch`) and starts load
 job's, and a bulk job hands its Label Studio write to the outbox (:mod:`egm.worker.outbox`)
 instead of waiting for it; the background writer then writes and records the run's progress
 (:func:`write_entry`).
+
+A bulk batch offers the engine a pause hook (:mod:`egm.worker.preempt`): a waiting interactive
+job runs through this same function inside the bulk batch's engine call.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from egm.runs import RunStore
 from egm.worker.delivery import LabelStudioWriter
 from egm.worker.outbox import BackgroundWriter, Entry
 from egm.worker.pipeline import BatchProcessor, BatchStats
+from egm.worker.preempt import Preemptor
 from egm.worker.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,8 @@ class Runtime:
     prefetcher: Prefetcher | None = None
     #: writes bulk predictions in the background from the Redis outbox (None: the job writes them)
     outbox: BackgroundWriter | None = None
+    #: runs waiting interactive jobs during pauses of bulk batches (None: they wait for the batch)
+    preemptor: Preemptor | None = None
 
 
 _RUNTIME: Runtime | None = None
@@ -71,21 +77,26 @@ def run_batch(payload: dict) -> dict:
     image_wait = time.perf_counter() - t0
     if rt.prefetcher is not None:
         rt.prefetcher.look_ahead(job.job_id)  # the next job's images load while the engine runs this one
-    result = rt.processor.process(job, images=images)
+    pause = rt.preemptor.hook_for(job.job_id, job.priority) if rt.preemptor is not None else None
+    paused_before = rt.preemptor.seconds if pause is not None else 0.0
+    result = rt.processor.process(job, images=images, between_steps=pause)
     stats = rt.processor.last_stats
     stats.image_seconds, stats.prefetched = image_wait, prefetched
-    rt.queue.store_result(result)
+    if pause is not None:  # the interactive jobs run in its pauses are not this batch's GPU time
+        stats.gpu_seconds = max(0.0, stats.gpu_seconds - (rt.preemptor.seconds - paused_before))
     written, queued = 0, False
     if job.write_to_label_studio and rt.outbox is not None:
+        rt.queue.store_result(result)
         _check_writable(rt, result)
         rt.outbox.file(job, result, asdict(stats))  # durable before RQ counts the job done
-        queued = True
+        queued = True  # the writer records the batch once written
     elif job.write_to_label_studio:
         written = _write(rt, job.project_id, result)
-    elif job.deliver_late:
-        written = _deliver_late(rt, job, result)
-    if callable(rt.on_batch_done) and not queued:  # else the writer records the batch once written
-        rt.on_batch_done(job, result, stats)
+        _finish(rt, job, result, stats)
+    else:
+        _finish(rt, job, result, stats)
+        if job.deliver_late:
+            written = _deliver_late(rt, job, result)  # after storing: the handshake with /predict needs it
     ok = sum(r.status == "ok" for r in result.results)
     log.info("batch done", extra={"job_id": job.job_id, "priority": job.priority.value, "tasks": len(job.tasks),
                                   "ok": ok, "failed": len(job.tasks) - ok, "written": written,
@@ -94,6 +105,15 @@ def run_batch(payload: dict) -> dict:
                                   "image_s": round(stats.image_seconds, 4), "prefetched": prefetched})
     return {"job_id": job.job_id, "ok": ok, "failed": len(job.tasks) - ok, "written": written,
             "write_queued": queued}
+
+
+def _finish(rt: Runtime, job: BatchJob, result: BatchResult, stats: BatchStats) -> None:
+    """Finish a batch: record it (run progress, retries, the /metrics counters), then store its result.
+    In this order, because a stored result is what answers ``/predict``: whoever sees the result sees
+    the batch counted."""
+    if callable(rt.on_batch_done):
+        rt.on_batch_done(job, result, stats)
+    rt.queue.store_result(result)
 
 
 def write_entry(entry: Entry, rt: Runtime | None = None) -> int:

@@ -19,7 +19,7 @@ from egm.geometry import grid_to_pixels
 from egm.ls_results import build_result
 from egm.parsing import ParsedCompletion, ParseStatus, parse_completion
 from egm.worker.cache import CachedOutput, ResultCache
-from egm.worker.engines.base import Engine, EngineRequest
+from egm.worker.engines.base import BetweenSteps, Engine, EngineRequest
 from egm.worker.identity import identify
 from egm.images import ImageLoadError, LoadedImage, fetch_many
 
@@ -79,15 +79,17 @@ class BatchProcessor:
         """The job's images, one entry per task (never raises; also the prefetcher's loader)."""
         return fetch_many([t.image for t in job.tasks], settings=self.settings, ls_client=self.ls_client)
 
-    def process(self, job: BatchJob, images: list[LoadedImage | ImageLoadError] | None = None) -> BatchResult:
-        """Run the job; ``images`` are its images loaded ahead (:mod:`egm.worker.prefetch`), if any."""
+    def process(self, job: BatchJob, images: list[LoadedImage | ImageLoadError] | None = None,
+                between_steps: BetweenSteps | None = None) -> BatchResult:
+        """Run the job; ``images`` are its images loaded ahead (:mod:`egm.worker.prefetch`), if any;
+        ``between_steps``: the engine's pause hook (:mod:`egm.worker.preempt`)."""
         stats = BatchStats(tasks=len(job.tasks), prefetched=images is not None)
         t0 = time.perf_counter()
         if images is None:
             images = self.load_images(job)
         stats.image_seconds = time.perf_counter() - t0
 
-        outcomes = self._run_queries(job, images, stats)
+        outcomes = self._run_queries(job, images, stats, between_steps)
         results = [
             self._task_result(task, image, outcomes.get(i, []), job.target, stats)
             for i, (task, image) in enumerate(zip(job.tasks, images))
@@ -104,7 +106,8 @@ class BatchProcessor:
             return 1
         return max(1, self.settings.uncertainty_samples)
 
-    def _run_queries(self, job: BatchJob, images: list, stats: BatchStats) -> dict[int, list[QueryOutcome]]:
+    def _run_queries(self, job: BatchJob, images: list, stats: BatchStats,
+                     between_steps: BetweenSteps | None = None) -> dict[int, list[QueryOutcome]]:
         k = self._samples_per_query()
         outcomes: dict[int, list[QueryOutcome]] = {}
         pending: list[tuple[int, int, list[str]]] = []  # (task index, query index, cache keys: answer + samples)
@@ -139,7 +142,8 @@ class BatchProcessor:
                                       request_id=f"{job.job_id}:{i}:{j}" + (f":s{n}" if n else ""))
                         for i, j, _ in chunk for n in range(k)]
             t0 = time.perf_counter()
-            outputs = self.engine.generate(requests)
+            outputs = (self.engine.generate(requests, between_steps=between_steps)
+                       if between_steps is not None and self.engine.pauses else self.engine.generate(requests))
             stats.gpu_seconds += time.perf_counter() - t0
             stats.engine_queries += len(requests)
             for m, (i, j, keys) in enumerate(chunk):

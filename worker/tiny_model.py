@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # torch/transformers stay lazy: only worker code that runs a model imports them
     import torch
@@ -392,13 +392,13 @@ TEACH_MAX_PIXELS = (16 * 1024, 64 * 1024, 300 * 1024, 1_003_520)
 
 def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, steps: int = 240,
                  lr: float = 3e-3, seed: int = 0, max_pixels: tuple[int, ...] = TEACH_MAX_PIXELS,
-                 min_pixels: int = 32 * 32) -> float:
+                 min_pixels: int = 32 * 32, progress: Callable[[int, int], None] | None = None) -> float:
     """Fine-tune a tiny random model until greedy decoding writes ``answer`` for any image and prompt.
 
     A random model writes noise, which the parser rightly rejects, so nothing downstream
     (boxes, Label Studio results, confidence) would run in demos and tests. Teaching it one
     fixed EGM-format answer exercises the whole path; the boxes still mean nothing.
-    Returns the final loss.
+    ``progress(done, steps)`` is called after each step (the demo prints it). Returns the final loss.
     """
     import random
 
@@ -410,7 +410,7 @@ def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, ste
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     loss_value = float("nan")
-    for _ in range(steps):
+    for step in range(steps):
         w, h = rng.randint(24, 900), rng.randint(24, 900)
         image = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
         labels = rng.sample(_TEACH_LABELS, rng.randint(1, 3))
@@ -427,13 +427,16 @@ def teach_answer(model: Any, processor: Any, answer: str = TAUGHT_ANSWER, *, ste
         loss.backward()
         optimizer.step()
         loss_value = float(loss.detach())
+        if progress is not None:
+            progress(step + 1, steps)
     model.eval()
     return loss_value
 
 
 def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = False, teach: bool = True,
                           size: str | ModelSize = "tiny", min_pixels: int | None = None,
-                          max_pixels: int | None = None, teach_steps: int = 240, device: str = "cpu") -> Path:
+                          max_pixels: int | None = None, teach_steps: int = 240, device: str = "cpu",
+                          progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a loadable checkpoint folder (config, weights, tokenizer, processor) and return it.
 
     ``full_size=True`` (``size="full"``) writes the whole EGM-4B architecture (about 9 GB of bf16
@@ -455,7 +458,7 @@ def build_tiny_checkpoint(out_dir: Path, *, seed: int = 0, full_size: bool = Fal
     taught = teach and spec.name != "full"
     if taught:
         budget = {} if max_pixels is None else {"max_pixels": (max_pixels,), "min_pixels": min_pixels or 32 * 32}
-        teach_answer(model, processor, seed=seed, steps=teach_steps, **budget)
+        teach_answer(model, processor, seed=seed, steps=teach_steps, progress=progress, **budget)
     if spec.name != "tiny":
         model = model.to(torch.bfloat16)  # half the bytes; a CPU engine loads it back as float32
     model.save_pretrained(out_dir)
@@ -477,7 +480,13 @@ def _cached_ok(folder: Path, teach: bool) -> bool:
     return meta.get("version") == TINY_MODEL_VERSION and meta.get("taught", False) == teach
 
 
-def ensure_tiny_checkpoint(cache_root: Path, *, teach: bool = True) -> Path:
+def tiny_checkpoint_cached(cache_root: Path, *, teach: bool = True) -> bool:
+    """Whether :func:`ensure_tiny_checkpoint` would find the checkpoint built already."""
+    return _cached_ok(Path(cache_root) / f"tiny-model-v{TINY_MODEL_VERSION}{'' if teach else '-random'}", teach)
+
+
+def ensure_tiny_checkpoint(cache_root: Path, *, teach: bool = True,
+                           progress: Callable[[int, int], None] | None = None) -> Path:
     """The cached tiny checkpoint ``cache_root/tiny-model-v<N>[-random]``, built if missing.
 
     ``teach=False`` keeps the purely random weights (engine tests compare decoding paths on
@@ -493,7 +502,11 @@ def ensure_tiny_checkpoint(cache_root: Path, *, teach: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tiny-model-build-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_checkpoint(tmp, seed=0, teach=teach)
+    try:
+        build_tiny_checkpoint(tmp, seed=0, teach=teach, progress=progress)
+    except BaseException:  # Ctrl-C or SIGTERM mid-build (the demo prints progress): leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     try:
         os.replace(tmp, target)

@@ -8,13 +8,14 @@ from egm.config.settings import Settings, reload_settings
 from egm.logs import configure_logging
 
 
-def settings_from_flags(**env: object) -> Settings:
-    """Flags win over the environment: write them as variables, then read the settings once."""
+def settings_from_flags(*, service: bool = False, **env: object) -> Settings:
+    """Flags win over the environment: write them as variables, then read the settings once. ``service``:
+    a long-running service (serve, worker) logs JSON lines unless EGM_LOG_FORMAT says otherwise."""
     for name, value in env.items():
         if value is not None:
             os.environ[name] = str(value)
     settings = reload_settings()
-    configure_logging(settings)
+    configure_logging(settings, service=service)
     return settings
 
 
@@ -30,7 +31,34 @@ def open_runs(**env: object):
 
 def add_follow_args(parser) -> None:
     """Options of the commands that enqueue a bulk run and follow it."""
-    parser.add_argument("--no-wait", action="store_true", help="enqueue and return; follow with `status RUN --watch`")
+    parser.add_argument("--no-wait", action="store_true", help="enqueue and return; follow the run with 'egm-assist status RUN --watch'")
     parser.add_argument("--timeout", type=float, help="stop following after this many seconds (the run goes on)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def step_printer(what: str, every_s: float = 10.0, stream=None):
+    """A ``progress(done, total)`` callback for long steps: prints ``what: done/total, elapsed, ~left`` at
+    most every ``every_s`` seconds (and at the end), so a slow machine shows it is working."""
+    import sys
+    import time
+
+    stream = stream or sys.stdout
+    started = time.monotonic()
+    last = [started]
+    first: list[float] = []  # when the first step ended: the rate is measured after it (warm-up)
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not first:
+            first.append(now)
+        if done < total and now - last[0] < every_s:
+            return
+        last[0] = now
+        tail = ""
+        if 1 < done < total:
+            left = (now - first[0]) / (done - 1) * (total - done)
+            tail = f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+        print(f"  {what}: {done}/{total} ({now - started:.0f} s{tail})", file=stream, flush=True)
+
+    return progress

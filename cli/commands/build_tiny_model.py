@@ -13,8 +13,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from egm.cli.commands._common import step_printer
     from egm.worker.tiny_model import build_tiny_checkpoint
 
-    path = build_tiny_checkpoint(args.out, seed=args.seed)
+    print(f"building a tiny checkpoint in {args.out} (240 training steps on the CPU; progress below) ...", flush=True)
+    path = build_tiny_checkpoint(args.out, seed=args.seed, progress=step_printer("training step"))
     print(f"tiny checkpoint written to {path} (random weights: boxes are meaningless)")
     return 0

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 
-from egm.cli.errors import service_errors
+from egm.cli.errors import EXIT_USAGE, fail, service_errors
 from egm.cli.commands._common import open_runs
 
 
 def register(sub) -> None:
     p = sub.add_parser("cancel", help="cancel a bulk run: its queued batches are dropped, workers skip the rest")
-    p.add_argument("run", help="run id (see `egm-assist status`)")
+    p.add_argument("run", help="run id (egm-assist status lists them)")
     p.set_defaults(func=run_command)
 
 
@@ -20,8 +19,7 @@ def run_command(args) -> int:
 
     _, queue, runs = open_runs()
     if runs.progress(args.run) is None:
-        print(f"error: no run {args.run!r} (see `egm-assist status`)", file=sys.stderr)
-        return 2
+        return fail(f"no run {args.run!r} (see 'egm-assist status')", EXIT_USAGE)
     report = cancel_run(queue, args.run)
     progress = runs.progress(args.run)
     print(f"run {args.run} cancelled: {report['jobs_cancelled']} queued batches dropped, "

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from egm.cli.commands._common import settings_from_flags
+from egm.cli.errors import EXIT_USAGE, fail, missing_key
 
 FORMAT_CHOICES = ("sft", "grpo", "coco", "all")
 #: egm.export.grpo.GRPO_IMAGE_MODES, default first (not imported here: it pulls in pyarrow at every CLI start)
@@ -42,24 +43,27 @@ def register(sub) -> None:
                    help="GRPO: how rows carry their image, as verl reads it: bytes = the encoded file inside "
                         "the parquet (default; self-contained), file = {'image': 'file:///abs/path'} (small "
                         "parquet, the export folder must stay where it is)")
-    p.add_argument("--label-studio-url", help="LABEL_STUDIO_URL")
+    p.add_argument("--ls-url", help="Label Studio URL (LABEL_STUDIO_URL)")
+    p.add_argument("--ls-key", help="Label Studio API key (LABEL_STUDIO_API_KEY)")
+    # the option's earlier name, still accepted
+    p.add_argument("--label-studio-url", dest="ls_url", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    settings = settings_from_flags(LABEL_STUDIO_URL=args.label_studio_url)
+    settings = settings_from_flags(LABEL_STUDIO_URL=args.ls_url, LABEL_STUDIO_API_KEY=args.ls_key)
     from egm.export.pipeline import ExportError, ExportOptions, run_export
     from egm.labelstudio import LabelStudioClient, LabelStudioError
 
+    if not 0.0 <= args.val_fraction < 1.0:
+        return fail("--val-fraction must be in [0, 1)", EXIT_USAGE)
+    if settings.label_studio_api_key is None:
+        return missing_key("export")
     formats = _formats(args.format)
     try:
         versions = tuple(_resolve_version(v, settings) for v in args.model_version)
     except Exception as exc:  # noqa: BLE001 - no live worker, Redis unreachable: one line
-        print(f"error: --model-version current: {exc}", file=sys.stderr)
-        return 1
-    if not 0.0 <= args.val_fraction < 1.0:
-        print("error: --val-fraction must be in [0, 1)", file=sys.stderr)
-        return 2
+        return fail(f"--model-version current: {exc}")
     options = ExportOptions(
         project_id=args.project, out_dir=args.out, formats=formats, only_from_predictions=args.from_predictions,
         model_versions=versions, require_review=args.require_review,
@@ -70,8 +74,7 @@ def run(args) -> int:
         with LabelStudioClient.from_settings(settings) as client:
             result = run_export(client, settings, options)
     except (ExportError, LabelStudioError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
     print(json.dumps(_summary(result.report, result.out_dir), indent=2))
     return 0
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from egm.cli.errors import service_errors
+from egm.cli.errors import fail, missing_key, service_errors
 from egm.cli.commands._common import settings_from_flags
 
 
@@ -31,8 +30,7 @@ def run_command(args) -> int:
 
     settings = settings_from_flags(LABEL_STUDIO_URL=args.ls_url, LABEL_STUDIO_API_KEY=args.ls_key)
     if settings.label_studio_api_key is None:
-        print("error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or --ls-url / --ls-key)", file=sys.stderr)
-        return 2
+        return missing_key("next")
     client = LabelStudioClient.from_settings(settings)
     try:
         version = _version(client, args, _fleet_version(settings))
@@ -43,8 +41,7 @@ def run_command(args) -> int:
             filters, ordering = view_for(chosen)
             view = client.create_view(args.project, args.save_view, filters=filters, ordering=ordering)
     except (LabelStudioError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
     if args.json:
         print(json.dumps({"model_version": version, "tasks": [{"id": c.task_id, "score": c.score} for c in chosen],
                           "candidates": len(chosen_all), "unpredicted": unpredicted,
@@ -87,7 +84,7 @@ def _version(client, args, live: str | None) -> str:
             whose = "the live workers serve" if wanted == live and not args.model_version else "you asked for"
             raise ValueError(f"the project shows model version {selected!r}, but {whose} {wanted!r}; add "
                              f"--set-project-version to switch it (scores are computed for that version only; "
-                             f"`egm-assist prelabel --project {args.project}` predicts the tasks with it)")
+                             f"'egm-assist prelabel --project {args.project}' predicts the tasks with it)")
         client.request_json("PATCH", f"/api/projects/{int(args.project)}/", json={"model_version": wanted},
                             idempotent=True)
     return wanted

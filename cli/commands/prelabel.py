@@ -16,7 +16,10 @@ from egm.cli.commands._common import add_follow_args, settings_from_flags
 
 def register(sub) -> None:
     p = sub.add_parser("prelabel", help="pre-annotate a Label Studio project, a folder or a manifest (bulk, resumable)",
-                       description=__doc__.splitlines()[0].strip("`: "))
+                       description="Pre-annotate a whole Label Studio project, a folder or a manifest of images. "
+                                   "Resumable: the same command again skips what is done or in flight. The model "
+                                   "runs in workers: start them with 'egm-assist worker' (MODEL_DIR set to the "
+                                   "checkpoint) or pass --local-workers N.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--project", type=int, help="Label Studio project id (writes predictions to it)")
     src.add_argument("--folder", type=Path, help="folder of images (no Label Studio needed)")

@@ -4,10 +4,9 @@ model versions they serve (the fleet registry, egm.fleet)."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 
-from egm.cli.errors import service_errors
+from egm.cli.errors import EXIT_USAGE, fail, service_errors
 from egm.cli.commands._common import open_runs
 
 
@@ -28,8 +27,7 @@ def run_command(args) -> int:
         return _list_runs(queue, runs, args)
     progress = runs.progress(args.run)
     if progress is None:
-        print(f"error: no run {args.run!r} (see `egm-assist status` for the list)", file=sys.stderr)
-        return 2
+        return fail(f"no run {args.run!r} (see 'egm-assist status' for the list)", EXIT_USAGE)
     if args.watch:
         progress = _watch(runs, args.run)
     return _show_run(queue, runs, progress, args)
@@ -91,7 +89,7 @@ def _show_run(queue, runs, progress, args) -> int:
     if fleet["current"] != progress.model_version:
         now_serving = fleet["current"] or "no live worker"
         print(f"note: this run's model_version is {progress.model_version}; new work goes to {now_serving}. Batches "
-              f"of a version no worker serves fail after EGM_VERSION_WAIT_S; `egm-assist prelabel` again plans a "
+              f"of a version no worker serves fail after EGM_VERSION_WAIT_S; 'egm-assist prelabel' again plans a "
               f"new run for the live version")
     return 0
 
@@ -104,7 +102,7 @@ def _list_runs(queue, runs, args) -> int:
                           "workers": _workers(queue), "fleet": fleet_summary(queue)}, indent=1))
         return 0
     _fleet(queue)
-    print("runs:" if items else "runs: none yet (start one with `egm-assist prelabel`)")
+    print("runs:" if items else "runs: none yet (start one with 'egm-assist prelabel')")
     for p in items:
         print(f"  {p.run_id:40} {p.state:10} {p.resolved:>7}/{p.total:<7} failed {p.failed:<5} {p.source}")
     return 0
@@ -119,7 +117,7 @@ def _fleet(queue) -> None:
 
     fleet = fleet_summary(queue)
     depths = queue.depths()
-    print("model versions:" if fleet["versions"] else "model versions: none seen yet (start `egm-assist worker`)")
+    print("model versions:" if fleet["versions"] else "model versions: none seen yet (start 'egm-assist worker')")
     for version, v in fleet["versions"].items():
         waiting = sum(d["queued"] for d in depths.values() if d["model_version"] == version)
         if v["ready_workers"]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 
 from egm.cli.commands._common import settings_from_flags
-from egm.cli.errors import service_errors
+from egm.cli.errors import fail, service_errors
 from egm.contract import Priority
 
 
@@ -23,7 +22,7 @@ def register(sub) -> None:
 
 @service_errors
 def run(args) -> int:
-    settings = settings_from_flags(EGM_ENGINE=args.engine, EGM_DEVICE=args.device)
+    settings = settings_from_flags(service=True, EGM_ENGINE=args.engine, EGM_DEVICE=args.device)
     import redis
 
     from egm.worker.batch_worker import failure_reason, run_worker
@@ -34,6 +33,5 @@ def run(args) -> int:
     except redis.exceptions.ConnectionError:
         raise  # service_errors says it in one line
     except Exception as exc:  # noqa: BLE001 - the reason is in the fleet registry and the log; one line here
-        print(f"error: worker stopped: {failure_reason(exc, settings.secret_values())}", file=sys.stderr)
-        return 1
+        return fail(f"worker stopped: {failure_reason(exc, settings.secret_values())}")
     return 0

@@ -6,6 +6,8 @@ imported only by the engine that needs them.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from egm.config.settings import Settings
 from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
 
@@ -17,8 +19,20 @@ def decoding_from_settings(settings: Settings) -> DecodingConfig:
     return DecodingConfig(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
 
 
+def check_model_dir(settings: Settings, kind: str) -> None:
+    """A MODEL_DIR that is not there fails at once, in words, before torch or vllm is even imported."""
+    if kind not in ("hf", "vllm") or not settings.model_dir:
+        return
+    folder = Path(settings.model_dir).expanduser()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise EngineError(f"MODEL_DIR {settings.model_dir} {what}: set it to the checkpoint's folder (the one "
+                          f"with config.json and the *.safetensors weights)")
+
+
 def create_engine(settings: Settings, kind: str | None = None) -> Engine:
     kind = kind or settings.engine
+    check_model_dir(settings, kind)
     decoding = decoding_from_settings(settings)
     if kind == "hf":
         from egm.worker.engines.hf import HFEngine

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -71,10 +71,20 @@ class ServedModel:
     runtime: dict[str, Any] = field(default_factory=dict)
 
 
+#: called by an engine at points where the batch it runs can wait (see ``Engine.generate``)
+BetweenSteps = Callable[[], None]
+
+
 class Engine(abc.ABC):
     """A loaded model that turns a batch of requests into completions."""
 
     name: str = "engine"
+    #: True when ``generate`` calls its ``between_steps`` hook (the batch can pause for other work):
+    #: ``hf`` (fast path: before the prefill, inside it and every few decode steps; plain path: between
+    #: chunks of ``EGM_BATCH_SIZE``) and ``scripted`` (during its simulated GPU time). ``vllm`` and
+    #: ``openai`` accept the hook and ignore it: vLLM's offline engine cannot be re-entered, and a
+    #: server schedules its requests itself.
+    pauses: bool = False
     #: True when the model can change under a running worker (a server behind a URL): the worker then
     #: asks :meth:`served_model` again between jobs. A loaded checkpoint cannot change.
     model_can_change: bool = False
@@ -85,9 +95,14 @@ class Engine(abc.ABC):
         self.min_pixels = min_pixels
 
     @abc.abstractmethod
-    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+    def generate(self, requests: list[EngineRequest], between_steps: BetweenSteps | None = None) -> list[EngineOutput]:
         """One output per request, in order. Per-request failures go into ``EngineOutput.error``;
-        raise :class:`EngineError` only when the whole batch failed."""
+        raise :class:`EngineError` only when the whole batch failed.
+
+        ``between_steps``: when the engine ``pauses``, it calls this where the batch can wait (the worker
+        then runs a waiting interactive job to completion, through this same ``generate``, one level
+        deep); the batch's outputs are the same with or without the pause. An exception from it is
+        logged and ends the pauses of this batch, never the batch. Engines that cannot pause ignore it."""
 
     @abc.abstractmethod
     def served_model(self) -> ServedModel:

@@ -11,6 +11,11 @@ A batch is validated per request (bad images become per-request errors), sorted 
 size so that rows of one chunk pad little, run in chunks of ``batch_size`` and put back in
 request order. A chunk that fails is retried in halves, so one poisoned request (or an
 out-of-memory on a big chunk) does not take the others down.
+
+Pauses (``between_steps``, :class:`~egm.worker.engines.base.Engine`): both paths pause before
+each chunk; the fast path also inside the prefill and every few decode steps (see
+:mod:`egm.worker.engines.hf_fast`). What runs in a pause may call :meth:`HFEngine.generate`
+once more (one level deep); its own pauses are switched off.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class HFEngine(Engine):
     """Qwen3-VL through transformers; see the module docstring."""
 
     name = "hf"
+    pauses = True
 
     def __init__(
         self,
@@ -110,6 +116,7 @@ class HFEngine(Engine):
         self.pad_id = _pad_id(model, self.tokenizer, self.eos_ids)
         image_processor = processor.image_processor
         self._factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+        self._depth = 0  # generate() calls in progress (2 while a batch runs inside another's pause)
         self._fast = None
         if compile:
             from egm.worker.engines.hf_fast import StaticCacheDecoder
@@ -150,7 +157,16 @@ class HFEngine(Engine):
         )
         return info
 
-    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+    def generate(self, requests: list[EngineRequest], between_steps=None) -> list[EngineOutput]:
+        if self._depth:
+            between_steps = None  # a batch run during another's pause runs straight through
+        self._depth += 1
+        try:
+            return self._generate_all(requests, between_steps)
+        finally:
+            self._depth -= 1
+
+    def _generate_all(self, requests: list[EngineRequest], between_steps) -> list[EngineOutput]:
         outputs: list[EngineOutput | None] = [None] * len(requests)
         prepared: list[_Prepared] = []
         for i, req in enumerate(requests):
@@ -163,7 +179,9 @@ class HFEngine(Engine):
         gen_failures = 0
         for start in range(0, len(prepared), self.batch_size):
             chunk = prepared[start:start + self.batch_size]
-            for p, out in self._run_isolated(chunk):
+            if between_steps is not None:
+                _pause_safely(between_steps)
+            for p, out in self._run_isolated(chunk, between_steps):
                 outputs[p.index] = out
                 gen_failures += out.error is not None
         if prepared and gen_failures == len(prepared):
@@ -191,10 +209,10 @@ class HFEngine(Engine):
                             min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         return _Prepared(index, image, req.prompt, (h * w) // (self._factor ** 2))
 
-    def _run_isolated(self, chunk: list[_Prepared]) -> list[tuple[_Prepared, EngineOutput]]:
+    def _run_isolated(self, chunk: list[_Prepared], between_steps=None) -> list[tuple[_Prepared, EngineOutput]]:
         """Run a chunk; on failure retry its halves, down to single requests."""
         try:
-            return list(zip(chunk, self._run_chunk(chunk), strict=True))
+            return list(zip(chunk, self._run_chunk(chunk, between_steps), strict=True))
         except Exception as exc:  # noqa: BLE001
             _free_cuda_memory()
             if len(chunk) == 1:
@@ -202,7 +220,7 @@ class HFEngine(Engine):
                 return [(chunk[0], EngineOutput(text="", error=f"{type(exc).__name__}: {exc}"))]
             mid = len(chunk) // 2
             log.warning("chunk of %d failed (%s); retrying in halves", len(chunk), exc)
-            return self._run_isolated(chunk[:mid]) + self._run_isolated(chunk[mid:])
+            return self._run_isolated(chunk[:mid], between_steps) + self._run_isolated(chunk[mid:], between_steps)
 
     def _encode(self, chunk: list[_Prepared]) -> dict[str, Any]:
         texts = [
@@ -225,7 +243,7 @@ class HFEngine(Engine):
         )
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def _run_chunk(self, chunk: list[_Prepared]) -> list[EngineOutput]:
+    def _run_chunk(self, chunk: list[_Prepared], between_steps=None) -> list[EngineOutput]:
         import torch
 
         t0 = time.perf_counter()
@@ -234,7 +252,7 @@ class HFEngine(Engine):
         prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         with torch.inference_mode():
             if self._fast is not None:
-                tokens, logprobs = self._fast.generate(enc)
+                tokens, logprobs = self._fast.generate(enc, between_steps=between_steps)
             else:
                 tokens, logprobs = self._generate_plain(enc)
         elapsed = time.perf_counter() - t0
@@ -393,10 +411,18 @@ def load_model(model_path: str, device, dtype) -> tuple[Any, Any]:
     except (OSError, ValueError) as exc:
         where = "local folder" if local.is_dir() else "folder or Hugging Face Hub id"
         raise EngineError(
-            f"could not load the model from {model_path!r} ({where}): {exc}. "
+            f"could not load the model from {model_path!r} ({where}): {str(exc).strip().rstrip('.')}. "
             "Download the checkpoint and set MODEL_DIR to its folder (or EGM_MODEL_ID to a reachable hub id)."
         ) from exc
     return model.eval(), processor
+
+
+def _pause_safely(between_steps) -> None:
+    """A pause must never fail the batch that offers it."""
+    try:
+        between_steps()
+    except Exception:  # noqa: BLE001
+        log.warning("between_steps failed", exc_info=True)
 
 
 def _free_cuda_memory() -> None:

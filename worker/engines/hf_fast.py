@@ -17,6 +17,19 @@ Python and re-reads the whole cache. Here:
   of graphs serve every request shape; attention reads only the chunk in use;
 * the host checks for "all finished" every few steps only.
 
+Pausing for other work (``between_steps``, issue 13): :meth:`StaticCacheDecoder.generate` may be
+given a callable that it calls at points where the batch can wait: before the prefill, every
+``PREFILL_CHECK_EVERY`` text layers of the prefill and every ``FINISH_CHECK_EVERY`` decode steps
+(on the GPU after a sync, so whatever the callable runs does not queue behind the rest of this
+batch); with such a callable the vision tower runs ``VISION_CHUNK`` images at a time with a pause
+between. The worker uses it to run an interactive job to completion in the middle of a bulk batch.
+That callable may call :meth:`generate` again (one level deep, never deeper): the inner batch gets
+a workspace of its own (a second one of the same bucket if the paused batch holds that bucket's),
+the least-recently-used eviction of workspaces never evicts a paused batch's, and the paused
+batch's buffers are not touched, so its tokens and log-probs are exactly those it gives without
+the pause (greedy; sampling draws from the one global generator, so a pause changes which random
+numbers a sampled batch gets, as any other work in the process would).
+
 Decode-time positions: after the image, all three M-RoPE axes of a text token are equal
 (position = text index + the per-row rope delta), so M-RoPE reduces to ordinary RoPE at that
 position; the model's own rotary module computes it from a (3, B, 1) position tensor.
@@ -31,7 +44,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +55,14 @@ log = logging.getLogger(__name__)
 LEN_CHUNK = 128
 #: host checks whether every row finished once per this many steps (each check is a sync)
 FINISH_CHECK_EVERY = 8
+#: with a ``between_steps`` callable, the prefill offers a pause once per this many text layers
+PREFILL_CHECK_EVERY = 6
+#: ... and the vision tower runs this many images at a time, with a pause between
+VISION_CHUNK = 16
+#: generate() calls may nest this deep (a paused batch and the one that runs meanwhile)
+MAX_NESTING = 2
+
+Pause = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -234,7 +255,8 @@ class DecodeStep:
                             self.kv_width)
         self._tail(h, tok, pos, idx, t, finished, out_tok, out_lp, eos)
 
-    def prefill(self, embeds, pos3, attention_mask, visual, deepstack, keys, values) -> torch.Tensor:
+    def prefill(self, embeds, pos3, attention_mask, visual, deepstack, keys, values,
+                between_layers: Callable[[], None] | None = None) -> torch.Tensor:
         """All prompt tokens through the text layers; K/V go to ``keys``/``values`` rows [:B, :, :P].
 
         Mirrors the model's own forward: 3-D M-RoPE from ``pos3``, causal attention that skips
@@ -258,6 +280,8 @@ class DecodeStep:
             if visual is not None and i < len(deepstack):
                 h = h.clone()
                 h[visual] = h[visual] + deepstack[i]
+            if between_layers is not None and (i + 1) % PREFILL_CHECK_EVERY == 0 and i + 1 < len(self.layers):
+                between_layers()
         h = _rms_norm(h[:, -1], self.final_norm, self.eps)
         return F.linear(h, self.lm_head).float()
 
@@ -366,26 +390,47 @@ class StaticCacheDecoder:
         self.timing = False
         self.last_timings: dict[str, float] = {}
         self._rope_index_s = 0.0
-        self._workspaces: OrderedDict[int, _Workspace] = OrderedDict()
+        #: keyed by (batch bucket, copy): copy 1 serves a batch that runs while copy 0's is paused
+        self._workspaces: OrderedDict[tuple[int, int], _Workspace] = OrderedDict()
         self._max_workspaces = max_workspaces
+        #: workspaces of the generate() calls in progress, outermost first
+        self._active: list[tuple[int, int]] = []
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # ------------------------------------------------------------------ public
 
     @torch.inference_mode()
-    def generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens [n, T] and their log-probs [n, T] on the CPU (rows padded with pad_id / 0 after EOS)."""
-        try:
-            return self._generate(inputs)
-        except _StartOver:  # the compiled prefill failed: graphs were dropped, run again eagerly
-            return self._generate(inputs)
+    def generate(self, inputs: dict[str, torch.Tensor],
+                 between_steps: Pause | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [n, T] and their log-probs [n, T] on the CPU (rows padded with pad_id / 0 after EOS).
 
-    def _generate(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        ``between_steps``: called where this batch can pause (module docstring); it may run one
+        more :meth:`generate` to completion. Ignored in a call that is itself nested."""
+        if len(self._active) >= MAX_NESTING:
+            raise RuntimeError(f"generate() nested more than {MAX_NESTING - 1} level deep")
+        if self._active:
+            between_steps = None  # the inner batch runs straight through
+        try:
+            return self._generate(inputs, between_steps)
+        except _StartOver:  # the compiled prefill failed: graphs were dropped, run again eagerly
+            return self._generate(inputs, between_steps)
+
+    def _generate(self, inputs: dict[str, torch.Tensor],
+                  between_steps: Pause | None) -> tuple[torch.Tensor, torch.Tensor]:
         ids = inputs["input_ids"]
         n, prompt_len = ids.shape
         if n > self.max_batch:
             raise ValueError(f"batch of {n} exceeds max_batch={self.max_batch}")
-        ws = self._workspace(batch_bucket(n, self.max_batch), prompt_len + self.max_new)
+        key = self._workspace(batch_bucket(n, self.max_batch), prompt_len + self.max_new)
+        self._active.append(key)
+        try:
+            return self._run(inputs, self._workspaces[key], self._pauser(between_steps))
+        finally:
+            self._active.remove(key)
+
+    def _run(self, inputs: dict[str, torch.Tensor], ws: _Workspace,
+             pause: Pause | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, prompt_len = inputs["input_ids"].shape
         chunks = sorted({self._chunk(prompt_len + s) for s in range(max(self.max_new - 1, 0))})
         t0 = self._tick()
         if self.cuda_graphs:
@@ -396,8 +441,10 @@ class StaticCacheDecoder:
                 if lc not in ws.graphs:
                     ws.graphs[lc] = self._capture(ws, lc)
         t1 = self._tick()
+        if pause is not None:
+            pause()
 
-        logits, pos3 = self._prefill(inputs, ws)
+        logits, pos3 = self._prefill(inputs, ws, pause)
         first = select_tokens(logits, self.sampling)
         first_lp = _chosen_logprob(logits, first)
         self._load_state(ws, inputs["attention_mask"], pos3, first, first_lp, n)
@@ -406,13 +453,17 @@ class StaticCacheDecoder:
         steps_done = 1
         for s in range(self.max_new - 1):
             lc = self._chunk(prompt_len + s)
-            if self.cuda_graphs:
-                ws.graphs[lc].replay()
-            else:
+            graph = ws.graphs.get(lc) if self.cuda_graphs else None
+            if graph is not None:
+                graph.replay()
+            else:  # no graphs, or a batch that ran during a pause dropped them (compiler failure)
                 self._step_fn(*ws.step_args(lc, self.eos))
             steps_done += 1
-            if self.stop_on_eos and steps_done % FINISH_CHECK_EVERY == 0 and bool(ws.finished.all()):
-                break
+            if steps_done % FINISH_CHECK_EVERY == 0:
+                if self.stop_on_eos and bool(ws.finished.all()):
+                    break
+                if pause is not None:
+                    pause()
         tokens, logprobs = ws.out_tok[:n, :steps_done].cpu(), ws.out_lp[:n, :steps_done].cpu()
         if self.timing:
             t3 = self._tick()
@@ -421,14 +472,36 @@ class StaticCacheDecoder:
                                  "steps": float(steps_done), "bucket": float(ws.batch)}
         return tokens, logprobs
 
+    def _pauser(self, between_steps: Pause | None) -> Pause | None:
+        """``between_steps`` behind a device sync (work it starts must not queue behind this batch's),
+        and switched off for the rest of the batch if it raises (a pause must never fail the batch)."""
+        if between_steps is None:
+            return None
+        broken = False
+
+        def pause() -> None:
+            nonlocal broken
+            if broken:
+                return
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            try:
+                between_steps()
+            except Exception:  # noqa: BLE001
+                broken = True
+                log.warning("between_steps failed; no more pauses in this batch", exc_info=True)
+
+        return pause
+
     def _tick(self) -> float:
         if self.timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     def reset(self) -> None:
-        """Drop every cache and graph (frees GPU memory)."""
-        self._workspaces.clear()
+        """Drop every cache and graph (frees GPU memory), but those of a batch still running."""
+        for key in [k for k in self._workspaces if k not in self._active]:
+            del self._workspaces[key]
 
     # ------------------------------------------------------------------ internals
 
@@ -436,7 +509,8 @@ class StaticCacheDecoder:
     def _chunk(cache_index: int) -> int:
         return (cache_index // LEN_CHUNK + 1) * LEN_CHUNK
 
-    def _prefill(self, inputs: dict[str, torch.Tensor], ws: _Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill(self, inputs: dict[str, torch.Tensor], ws: _Workspace,
+                 pause: Pause | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Vision tower (the model's own), then the text layers through our (compiled) prefill
         layer, writing keys/values straight into the static cache. Returns last-position logits
         and the 3-D rope positions."""
@@ -455,23 +529,52 @@ class StaticCacheDecoder:
         embeds = F.embedding(ids, step.embed)
         visual, deepstack = None, []
         if inputs.get("pixel_values") is not None:
-            feats = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
-                                                        return_dict=True)
-            image_embeds = torch.cat(feats.pooler_output, dim=0).to(embeds.dtype)
+            pooled, deep = self._image_features(inputs["pixel_values"], inputs["image_grid_thw"], pause)
+            image_embeds = torch.cat(pooled, dim=0).to(embeds.dtype)
             visual = ids == self.model.config.image_token_id
             if int(visual.sum()) != image_embeds.shape[0]:
                 raise ValueError(f"{int(visual.sum())} image tokens but {image_embeds.shape[0]} image features")
             embeds = embeds.masked_scatter(visual.unsqueeze(-1), image_embeds)
-            deepstack = [d.to(embeds.dtype) for d in feats.deepstack_features]
+            deepstack = [d.to(embeds.dtype) for d in deep]
         args = (embeds, pos3, inputs["attention_mask"], visual, deepstack, ws.keys, ws.values)
         try:
-            logits = step.prefill(*args)
+            logits = step.prefill(*args, between_layers=pause)
         except Exception as exc:  # noqa: BLE001
             if not self.inductor or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             self._drop_inductor(exc)
             raise _StartOver from exc
         return logits, pos3
+
+    def _image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                        pause: Pause | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The vision tower (the model's own): per-image features and the DeepStack features.
+
+        With ``pause`` it runs ``VISION_CHUNK`` images at a time and offers a pause between the
+        chunks, so the vision tower of a large batch is not one long stretch nothing can
+        interrupt. Images never attend to each other in the tower (per-image attention and
+        positions), so the chunks compute the same features up to the rounding of matrix
+        products of another shape (in bf16 on a GPU; the same kind of difference as putting an
+        image in a batch of another size). A batch run with a ``between_steps`` hook always runs
+        in chunks, whether or not anything runs in its pauses, so a pause changes nothing."""
+        get = self.model.model.get_image_features
+        n = grid_thw.shape[0]
+        if pause is None or n <= VISION_CHUNK:
+            feats = get(pixel_values, grid_thw, return_dict=True)
+            return list(feats.pooler_output), list(feats.deepstack_features)
+        rows = grid_thw.prod(-1).tolist()  # patch rows of each image, concatenated in image order
+        pooled: list[torch.Tensor] = []
+        deep_parts: list[list[torch.Tensor]] = []
+        row = 0
+        for start in range(0, n, VISION_CHUNK):
+            take = sum(rows[start:start + VISION_CHUNK])
+            feats = get(pixel_values[row:row + take], grid_thw[start:start + VISION_CHUNK], return_dict=True)
+            row += take
+            pooled.extend(feats.pooler_output)
+            deep_parts.append(list(feats.deepstack_features))
+            pause()
+        deep = [torch.cat([part[i] for part in deep_parts], dim=0) for i in range(len(deep_parts[0]))]
+        return pooled, deep
 
     def _load_state(self, ws: _Workspace, attention_mask, pos3, first, first_lp, n: int) -> None:
         prompt_len = attention_mask.shape[1]
@@ -494,18 +597,29 @@ class StaticCacheDecoder:
         ws.out_tok[:n, 0].copy_(first)
         ws.out_lp[:n, 0].copy_(first_lp)
 
-    def _workspace(self, batch: int, need_len: int) -> _Workspace:
-        ws = self._workspaces.get(batch)
+    def _workspace(self, batch: int, need_len: int) -> tuple[int, int]:
+        """The key (bucket, copy) of a workspace for this batch: copy 1 of a bucket when a paused
+        batch holds copy 0. Least recently used workspaces make room, never one in use."""
+        copy = 0
+        while (batch, copy) in self._active:
+            copy += 1
+        key = (batch, copy)
+        ws = self._workspaces.get(key)
         if ws is not None and ws.max_len >= need_len:
-            self._workspaces.move_to_end(batch)
-            return ws
+            self._workspaces.move_to_end(key)
+            self._trim(self._max_workspaces, keep=key)  # over the limit after a pause: back to it
+            return key
         if ws is not None:  # too short: replace (its graphs point at the old buffers)
-            del self._workspaces[batch]
-        while len(self._workspaces) >= self._max_workspaces:
-            self._workspaces.popitem(last=False)
-        ws = self._allocate(batch, _round_up(need_len, 2 * LEN_CHUNK))
-        self._workspaces[batch] = ws
-        return ws
+            del self._workspaces[key]
+        self._trim(self._max_workspaces - 1, keep=key)
+        self._workspaces[key] = self._allocate(batch, _round_up(need_len, 2 * LEN_CHUNK))
+        return key
+
+    def _trim(self, limit: int, keep: tuple[int, int]) -> None:
+        """Evict least recently used workspaces down to ``limit``, never one in use (nor ``keep``)."""
+        idle = [k for k in self._workspaces if k not in self._active and k != keep]  # oldest first
+        while len(self._workspaces) > limit and idle:
+            del self._workspaces[idle.pop(0)]
 
     def _allocate(self, batch: int, max_len: int) -> _Workspace:
         cfg = self.model.config.text_config

@@ -342,7 +342,8 @@ class OpenAICompatEngine(Engine):
         output.extra["model"] = model
         return output, False
 
-    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+    def generate(self, requests: list[EngineRequest], between_steps=None) -> list[EngineOutput]:
+        # between_steps is ignored: this engine cannot pause a batch (Engine.pauses is False)
         if not requests:
             return []
         model = self._resolve_model()

@@ -55,8 +55,13 @@ def stable_box(image_bytes_digest: str) -> tuple[int, int, int, int]:
     return x1, y1, x1 + 100 + d[2] % 400, y1 + 100 + d[3] % 400
 
 
+#: the scripted engine offers a pause (``between_steps``) this often during its simulated GPU time
+PAUSE_EVERY_S = 0.05
+
+
 class ScriptedEngine(Engine):
     name = "scripted"
+    pauses = True
 
     def __init__(self, decoding: DecodingConfig | None = None, max_pixels: int = 1 << 30,
                  template: str | None = None, delay_s: float = 0.0, fail_on: str | None = None) -> None:
@@ -66,6 +71,7 @@ class ScriptedEngine(Engine):
         self.fail_on = fail_on
         self.calls = 0
         self.requests_seen = 0
+        self._busy = False  # a generate() in progress: one run during its pause does not pause again
 
     def served_model(self) -> ServedModel:
         """Its "model" is the script (and the class that plays it): other answers, another model."""
@@ -73,11 +79,14 @@ class ScriptedEngine(Engine):
         script = hashlib.sha256(material.encode()).hexdigest()
         return ServedModel(name="scripted", details={"script": script}, runtime={"library": "egm-scripted"})
 
-    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+    def generate(self, requests: list[EngineRequest], between_steps=None) -> list[EngineOutput]:
         self.calls += 1
         self.requests_seen += len(requests)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        nested, self._busy = self._busy, True
+        try:
+            self._simulate_gpu(None if nested else between_steps)
+        finally:
+            self._busy = nested
         outputs = []
         for req in requests:
             if self.fail_on and self.fail_on in req.prompt:
@@ -90,3 +99,16 @@ class ScriptedEngine(Engine):
             tokens, logprobs = scripted_logprobs(text, stable_confidence(digest))
             outputs.append(EngineOutput(text=text, tokens=tokens, logprobs=logprobs))
         return outputs
+
+    def _simulate_gpu(self, between_steps) -> None:
+        """Sleep ``delay_s``, offering a pause every ``PAUSE_EVERY_S`` (what runs in it is not counted)."""
+        left = self.delay_s
+        while left > 0:
+            step = min(left, PAUSE_EVERY_S)
+            time.sleep(step)
+            left -= step
+            if between_steps is not None and left > 0:
+                try:
+                    between_steps()
+                except Exception:  # noqa: BLE001 - a pause never fails the batch
+                    pass

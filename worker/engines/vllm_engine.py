@@ -311,7 +311,8 @@ class VLLMEngine(Engine):
                 outputs.append(EngineOutput(text="", error=f"cannot read vLLM output: {type(exc).__name__}: {exc}"))
         return outputs
 
-    def generate(self, requests: list[EngineRequest]) -> list[EngineOutput]:
+    def generate(self, requests: list[EngineRequest], between_steps=None) -> list[EngineOutput]:
+        # between_steps is ignored: this engine cannot pause a batch (Engine.pauses is False)
         prepared = [self._prepare(r) for r in requests]
         ready = [i for i, p in enumerate(prepared) if isinstance(p, PreparedRequest)]
         outputs: list[EngineOutput] = [
