@@ -105,7 +105,8 @@ def test_prompt_label_comes_from_the_expression_or_the_default_never_the_first_l
         defaulted = _predict(client, _prompt("the yellow one"))
         assert [r["value"]["rectanglelabels"] for r in _rects(defaulted["result"])] == [["circle"]]
         # the labeling config's own default wins over the setting
-        marked = PROMPT_CONFIG.replace('<Label value="square"/>', '<Label value="square" default="true"/>')
+        marked = PROMPT_CONFIG.replace('<Label value="square"', '<Label value="square" default="true"')
+        assert marked != PROMPT_CONFIG
         by_config = _predict(client, _prompt("the yellow one"), config=marked)
         assert [r["value"]["rectanglelabels"] for r in _rects(by_config["result"])] == [["square"]]
 
