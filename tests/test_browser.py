@@ -69,14 +69,21 @@ def _browser_missing() -> str | None:
     return None
 
 
+def _browser_optional() -> bool:
+    return os.environ.get("EGM_BROWSER_OPTIONAL", "").strip().lower() in ("1", "true", "yes")
+
+
 def _need_browser() -> None:
     reason = _browser_missing()
-    if reason is None:
-        return
-    if os.environ.get("EGM_BROWSER_OPTIONAL", "").strip().lower() in ("1", "true", "yes"):
-        pytest.skip(f"browser suite skipped (EGM_BROWSER_OPTIONAL=1): {reason}")
-    pytest.fail(f"browser suite cannot run: {reason}; set EGM_BROWSER_OPTIONAL=1 to skip it on a machine "
-                f"without a browser", pytrace=False)
+    if reason is not None:
+        pytest.fail(f"browser suite cannot run: {reason}; set EGM_BROWSER_OPTIONAL=1 to skip it on a machine "
+                    f"without a browser", pytrace=False)
+
+
+# skipping is decided before anything starts (no Label Studio for nothing); failing is the default
+_MISSING = _browser_missing()
+if _MISSING is not None and _browser_optional():
+    pytestmark = [pytestmark, pytest.mark.skip(reason=f"browser suite skipped (EGM_BROWSER_OPTIONAL=1): {_MISSING}")]
 
 
 # --------------------------------------------------------------------------- the stack
