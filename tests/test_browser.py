@@ -11,7 +11,8 @@ right label and no duplicate, and Submit with Auto-Annotation on adding no sugge
 The browser is Debian's Chromium (``/usr/bin/chromium``, or ``EGM_TEST_CHROMIUM``); nothing is
 downloaded. Without it (or without the ``playwright`` package) the tests FAIL, unless
 ``EGM_BROWSER_OPTIONAL=1`` is set (local machines without a browser): then they skip, saying why.
-CI installs chromium (.ci/run) and does not set it.
+CI installs chromium (.ci/run) and does not set it. ``EGM_TEST_BROWSER_WAIT_S`` (default 90) is how
+long one wait on the page may take (raise it on a loaded machine).
 
 Every step saves a screenshot in a pytest tmp folder; with ``EGM_SCREENSHOTS_DIR`` set, also there
 (the README's images come from such a run, 1280x800). Waits are on selectors and responses,
