@@ -386,6 +386,11 @@ def test_a_typed_prompt_gives_one_suggestion_with_its_label_and_no_duplicate(pag
     assert _outliner_labels(page) == sorted(_truth_percent(name))  # triangle + circle, nothing twice
     drawn = {r["label"]: (r["x"], r["y"], r["width"], r["height"]) for r in page.evaluate(RECTS_JS)}
     assert drawn[MISSED[name]] == pytest.approx(_truth_percent(name)[MISSED[name]], abs=0.5)
+    # the accepted box carries the prompt's reasoning as its own
+    page.locator(".lsf-outliner-item", has_text=MISSED[name]).click()
+    page.wait_for_function("""() => [...document.querySelectorAll('[name^="reasoning:"]')]
+        .some(e => e.innerText.includes('where the annotator pointed'))""")
+    assert PROMPT in page.locator('[name^="reasoning:"][data-testid="htx-textbox-content"]').inner_text().lower()
     shots(page, "09-prompt-accepted")
 
 
