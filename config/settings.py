@@ -113,11 +113,33 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(
         10 * 1024 * 1024, validation_alias=_env("EGM_MAX_REQUEST_BYTES"),
-        description="Largest request body the backend accepts.",
+        description="Largest request body the backend accepts (/predict: EGM_MAX_PREDICT_BYTES).",
     )
     max_prompt_chars: int = Field(
         1000, validation_alias=_env("EGM_MAX_PROMPT_CHARS"),
         description="Longest typed referring expression accepted.",
+    )
+    max_predict_bytes: int = Field(
+        256 * 1024 * 1024, validation_alias=_env("EGM_MAX_PREDICT_BYTES"),
+        description="Largest /predict body accepted: Label Studio's \"Retrieve predictions\" sends every selected "
+                    "task in one request, with its annotations and predictions (a task without them is about 0.5 KB: "
+                    "5,000 tasks measured 2.5 MB on Label Studio 1.23).",
+    )
+    predict_bulk_tasks: int = Field(
+        200, validation_alias=_env("EGM_PREDICT_BULK_TASKS"), ge=1,
+        description="A /predict with more tasks than this is handed to the bulk path (as `prelabel`): it answers "
+                    "at once and the workers write the predictions to Label Studio.",
+    )
+    prompt_default_label: str | None = Field(
+        None, validation_alias=_env("EGM_PROMPT_DEFAULT_LABEL"),
+        description="Label of a typed prompt's box when the prompt names no label of the config "
+                    "(else the annotator is told to name one).",
+    )
+    ls_sync_version: bool = Field(
+        True, validation_alias=_env("EGM_LS_SYNC_VERSION"),
+        description="On /setup, rename the connected ML backend in Label Studio to the live model_version and set "
+                    "the project's model_version to it, so the Data Manager's prediction score column works "
+                    "(needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY).",
     )
 
     # --- Model / engine ------------------------------------------------------

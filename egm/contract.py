@@ -101,8 +101,10 @@ class LabelTarget(BaseModel):
     labels: list[str]
     #: model label (lower-cased) -> config label, from ``predicted_values`` and the labels themselves.
     aliases: dict[str, str] = Field(default_factory=dict)
-    #: per-region TextArea that shows the model's reasoning next to each box.
+    #: per-region TextArea that shows the model's reasoning next to each box (that box's label's part).
     reasoning_from_name: str | None = None
+    #: task-level TextArea (not per region) that shows the whole reasoning about the image once.
+    image_reasoning_from_name: str | None = None
     #: key of the image in ``task.data``.
     image_key: str = "image"
 

@@ -172,10 +172,20 @@ def test_bad_predict_requests_get_a_clear_4xx(client, body, needle):
     assert needle.lower() in resp.json()["detail"].lower()
 
 
-def test_non_json_and_oversized_bodies(client, settings):
-    assert client.post("/predict", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
-    huge = b"x" * (settings.max_request_bytes + 1)
-    assert client.post("/predict", content=huge, headers={"content-type": "application/json"}).status_code == 413
+def test_non_json_and_oversized_bodies(settings, monkeypatch):
+    monkeypatch.setenv("EGM_MAX_PREDICT_BYTES", str(settings.max_request_bytes * 2))
+    from egm.config.settings import reload_settings
+
+    settings = reload_settings()
+    with TestClient(create_app(settings)) as client:
+        json_headers = {"content-type": "application/json"}
+        assert client.post("/predict", content=b"{not json", headers=json_headers).status_code == 422
+        # /predict has its own, larger limit (Retrieve predictions sends every selected task at once)
+        over_general = b"x" * (settings.max_request_bytes + 1)
+        assert client.post("/predict", content=over_general, headers=json_headers).status_code == 422
+        assert client.post("/setup", content=over_general, headers=json_headers).status_code == 413
+        huge = client.post("/predict", content=b"x" * (settings.max_predict_bytes + 1), headers=json_headers)
+        assert huge.status_code == 413 and "EGM_MAX_PREDICT_BYTES" in huge.json()["detail"]
 
 
 def test_enormous_prompt_is_refused(client):

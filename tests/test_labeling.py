@@ -21,12 +21,13 @@ IMAGE_BOXES = _config('<Image name="img" value="$photo"/>'
                       '</RectangleLabels>')
 
 
-@pytest.mark.parametrize("name, prompt, reasoning", [
-    ("boxes.xml", None, None),
-    ("boxes_prompt.xml", "prompt", None),
-    ("boxes_reasoning.xml", "prompt", "reasoning"),
+@pytest.mark.parametrize("name, prompt, reasoning, image_reasoning", [
+    ("boxes.xml", None, None, None),
+    ("boxes_prompt.xml", "prompt", None, None),
+    ("boxes_reasoning.xml", "prompt", "reasoning", "image_reasoning"),
+    ("shapes.xml", None, "reasoning", "image_reasoning"),
 ])
-def test_templates_parse(name, prompt, reasoning):
+def test_templates_parse(name, prompt, reasoning, image_reasoning):
     config = parse_labeling_config((TEMPLATES / name).read_text())
     assert config.target.from_name == "label"
     assert config.target.to_name == "image"
@@ -34,6 +35,30 @@ def test_templates_parse(name, prompt, reasoning):
     assert len(config.target.labels) >= 2
     assert config.prompt_from_name == prompt
     assert config.target.reasoning_from_name == reasoning
+    assert config.target.image_reasoning_from_name == image_reasoning
+
+
+def _label_colours(xml: str) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    return [label.get("background") or "" for label in ET.fromstring(xml).iter("Label")]
+
+
+def _generated_configs() -> dict[str, str]:
+    from egm.cli.commands.demo import DEMO_CONFIG
+    from tests.stack import BOXES_CONFIG
+
+    return {"demo": DEMO_CONFIG, "tests/stack.py": BOXES_CONFIG}
+
+
+@pytest.mark.parametrize("name", [*sorted(p.name for p in TEMPLATES.glob("*.xml")), "demo", "tests/stack.py"])
+def test_every_label_has_its_own_colour(name):
+    import re
+
+    xml = (TEMPLATES / name).read_text() if name.endswith(".xml") else _generated_configs()[name]
+    colours = _label_colours(xml)
+    assert colours and all(re.fullmatch(r"#[0-9a-fA-F]{6}", c) for c in colours), colours
+    assert len(set(c.lower() for c in colours)) == len(colours), f"{name}: two labels share a colour"
 
 
 def test_a_template_shows_predicted_values():

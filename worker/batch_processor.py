@@ -201,7 +201,8 @@ class BatchProcessor:
         return TaskResult(
             **base, status="ok", reasoning=reasoning, boxes=boxes, parse_status=worst.value,
             width=image.width, height=image.height, score=self._score(boxes, outcomes),
-            ls_result=build_result(boxes, target, image.width, image.height, reasoning),
+            ls_result=build_result(boxes, target, image.width, image.height, reasoning,
+                                   referring=any(o.query.expression for o in outcomes)),
             completions=completions, cached=all(o.cached for o in outcomes),
         )
 
@@ -215,11 +216,12 @@ class BatchProcessor:
                image: LoadedImage) -> list[BoxResult]:
         out = []
         for k, pb in enumerate(parsed.boxes):
+            # A typed prompt's label is decided by the planner (egm.queries.prompt_label) and comes as
+            # query.label; never guess one here (not the config's first label: it is wrong more often than not).
             label = outcome.query.label or target.resolve_label(pb.label, fallback=outcome.query.expression)
-            if label is None and outcome.query.expression:
-                label = target.labels[0]  # typed prompt, config label not named: first label of the config
             if label is None:
-                log.info("dropping box with label not in config", extra={"model_label": pb.label})
+                log.info("dropping box with label not in config",
+                         extra={"model_label": pb.label, "prompt": outcome.query.expression is not None})
                 continue
             score = outcome.scores[k] if k < len(outcome.scores) else None
             out.append(BoxResult(

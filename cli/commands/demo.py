@@ -36,11 +36,12 @@ SHAPES_MODEL = SAMPLES / "model"
 DEMO_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image">
-    <Label value="circle" background="red"/>
-    <Label value="square" background="blue"/>
-    <Label value="triangle" background="green"/>
+    <Label value="circle" background="#e6194b"/>
+    <Label value="square" background="#4363d8"/>
+    <Label value="triangle" background="#3cb44b"/>
   </RectangleLabels>
   <TextArea name="reasoning" toName="image" perRegion="true" editable="true" displayMode="region-list"/>
+  <TextArea name="image_reasoning" toName="image" editable="true" rows="3" maxSubmissions="1"/>
 </View>"""
 TINY_WARNING = """
   NOTE: no EGM weights configured (MODEL_DIR unset), so this demo ran a tiny random-weight

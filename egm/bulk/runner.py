@@ -279,10 +279,14 @@ class BulkRun:
 
     def _show_in_label_studio(self) -> None:
         """Make the project show this version's predictions (and score them in the Data Manager)."""
+        from egm.labelstudio import VersionShown
+
         try:
-            project = self.client.get_project(self.spec.project_id)
-            if project.model_version != self.spec.model_version:
-                self.client.set_project_model_version(self.spec.project_id, self.spec.model_version)
+            # also renames the connected ML backend: the project keeps asking it for new tasks' predictions
+            password = self.settings.basic_auth_pass.get_secret_value() if self.settings.basic_auth_pass else None
+            shown = self.client.show_model_version(self.spec.project_id, self.spec.model_version,
+                                                   basic_auth_pass=password)
+            if shown is VersionShown.changed:
                 self.printer.message(f"project {self.spec.project_id} now shows predictions of model version "
                                      f"{self.spec.model_version}")
         except Exception as exc:  # noqa: BLE001 - the predictions are written; this is a convenience
