@@ -10,9 +10,10 @@ The client's names are importable from the package itself (``from egm.labelstudi
 LabelStudioClient``).
 """
 
-from egm.labelstudio.client import (ExportedAnnotation, ExportedTask, KeyKind, LabelStudioClient, LabelStudioError,
-                                    Prediction, PredictionFailure, PredictionWriteReport, Project, TaskRecord, View,
-                                    Webhook, key_kind)
+from egm.labelstudio import client as _client
 
-__all__ = ["ExportedAnnotation", "ExportedTask", "KeyKind", "LabelStudioClient", "LabelStudioError", "Prediction",
-           "PredictionFailure", "PredictionWriteReport", "Project", "TaskRecord", "View", "Webhook", "key_kind"]
+#: every public class and function defined in the client module (LabelStudioClient,
+#: LabelStudioError, the typed records, ...), re-exported here.
+__all__ = sorted(name for name, value in vars(_client).items()
+                 if not name.startswith("_") and callable(value) and getattr(value, "__module__", "") == _client.__name__)
+globals().update({name: getattr(_client, name) for name in __all__})
