@@ -22,9 +22,10 @@ from tests.bulk_support import write_images
 from tests.fault_stack import wait_until
 from tests.stack import BOXES_CONFIG, SAMPLES, batch_job, sample_images, spawn_worker, wait_ready
 
-OLD = ("The old model looked here.\n</think>\n\n```json\n"
+# the reasoning names the label: a box carries only the reasoning about its own label
+OLD = ("The old model looked at the {label} here.\n</think>\n\n```json\n"
        "[{{\"bbox_2d\": [10, 10, 200, 200], \"label\": \"{label}\"}}]\n```")
-NEW = ("The new model looked there.\n</think>\n\n```json\n"
+NEW = ("The new model looked at the {label} there.\n</think>\n\n```json\n"
        "[{{\"bbox_2d\": [300, 300, 600, 600], \"label\": \"{label}\"}}]\n```")
 
 

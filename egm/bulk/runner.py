@@ -164,9 +164,14 @@ class BulkRun:
         if self.collector is not None:
             self.collector.collect()
         done = self.collector.done if self.collector is not None else frozenset()
-        planner = Planner(self.queue, self.spec, on_flush=self._show_planning)
+        planner = Planner(self.queue, self.spec, on_flush=self._show_planning,
+                          has_prediction=self._has_prediction if self.client is not None else None)
         self.plan_report = planner.plan(self.tasks_factory(), done_keys=done, retry_failed=retry_failed)
         return self.plan_report
+
+    def _has_prediction(self, task_id: int) -> bool:
+        """Whether the task has a prediction of this run's version in Label Studio right now."""
+        return any(p.model_version == self.spec.model_version for p in self.client.list_predictions(task_id=task_id))
 
     def _show_planning(self, report: PlanReport) -> None:
         progress = self.runs.progress(self.run_id)
