@@ -55,7 +55,7 @@ test-docker: install
 	EGM_TEST_DOCKER=1 $(VENV)/bin/pytest -q tests/docker/test_stack.py
 
 bench-pipeline: install check-redis
-	$(VENV)/bin/python bench/pipeline.py
+	$(VENV)/bin/python bench/queue_overhead.py
 
 # What a bare GPU machine lacks (the project's wheels, redis-server, TRL, vLLM 0.24.0) as folders
 # of .gpu/ that travel with device calls; docs/gpu.md says which call carries which.

@@ -17,17 +17,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from egm.backend.auth import require_auth
-from egm.labeling import LabelingConfigError, parse_labeling_config
+from egm.labelstudio.config import LabelingConfigError, parse_labeling_config
 from egm.backend.metrics import MetricsCollector
 from egm.backend.models import (ErrorResponse, HealthResponse, PredictRequest, PredictResponse, SetupRequest,
                             SetupResponse, WebhookEvent)
 from egm.backend.predictor import BadPredictRequest, Predictor, project_id_of
+from egm.backend.version_sync import VersionSync
 from egm.backend.versions import VersionSource
 from egm.backend.webhook import WebhookHandler
 from egm.backend.webhook_auth import ensure_webhook
 from egm.config.settings import Settings, get_settings
 from egm.fleet import FleetError
-from egm.logs import configure_logging, redact
+from egm.logs import configure_logging
+from egm.redaction import redact
 from egm.prompts import PromptError
 from egm.queue import QueueClient
 
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
     predictor = Predictor(settings, queue, versions)
     webhooks = WebhookHandler(settings, queue.redis)
     metrics = MetricsCollector(settings, queue)
+    version_sync = VersionSync(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,9 +67,12 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
+        # /predict carries every task a "Retrieve predictions" selected: its own, larger limit.
+        limit = settings.max_predict_bytes if request.url.path == "/predict" else settings.max_request_bytes
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
-            return JSONResponse({"detail": f"request body over {settings.max_request_bytes} bytes"}, 413)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            setting = "EGM_MAX_PREDICT_BYTES" if limit == settings.max_predict_bytes else "EGM_MAX_REQUEST_BYTES"
+            return JSONResponse({"detail": f"request body over {limit} bytes ({setting})"}, 413)
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -112,10 +118,13 @@ def create_app(settings: Settings | None = None, queue: QueueClient | None = Non
             except LabelingConfigError as exc:
                 return JSONResponse({"detail": str(exc)}, 422)
         try:
-            ensure_webhook(settings, project_id_of(req.project))
+            project_id = project_id_of(req.project)
         except BadPredictRequest as exc:
             return JSONResponse({"detail": str(exc)}, 422)
-        return SetupResponse(model_version=versions.for_planning())
+        ensure_webhook(settings, project_id)
+        version = versions.for_planning()
+        version_sync.on_setup(project_id, version)  # background: never delays or fails /setup
+        return SetupResponse(model_version=version)
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, dependencies=protected)
     def predict(req: PredictRequest) -> PredictResponse:

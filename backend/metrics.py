@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from egm.config.settings import Settings
 from egm.fleet import Fleet
 from egm.queue import QueueClient
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from egm.stats import StatsStore, parse_field
 
 HISTOGRAMS = {"egm_batch_size", "egm_gpu_seconds", "egm_end_to_end_seconds"}

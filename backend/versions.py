@@ -13,7 +13,7 @@ import redis
 
 from egm.config.settings import Settings
 from egm.fleet import Fleet, FleetError
-from egm.logs import redact
+from egm.redaction import redact
 from egm.queue import QueueClient
 
 

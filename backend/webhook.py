@@ -83,7 +83,7 @@ class WebhookHandler:
         client = self._label_studio()
         if client is None:
             return None
-        return client.request_json("GET", f"/api/predictions/{int(prediction_id)}/")
+        return client.get_prediction(prediction_id)
 
     def _label_studio(self):
         if self.settings.label_studio_api_key is None:

@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from egm import processes
     from egm.fleet import Fleet
-    from egm.runs import RunStore
+    from egm.bulk.run_store import RunStore
 
     t_start = time.perf_counter()
     try:

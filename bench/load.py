@@ -45,12 +45,12 @@ from egm import processes  # noqa: E402
 from egm.contract import BatchJob, LabelTarget, Priority, Query, TaskJob  # noqa: E402
 from egm.fleet import Fleet  # noqa: E402
 from egm.queue import QueueClient  # noqa: E402
-from egm.runs import RunStore  # noqa: E402
+from egm.bulk.run_store import RunStore  # noqa: E402
 
 TARGET = LabelTarget(from_name="label", to_name="image", labels=["circle", "square"],
                      aliases={"circle": "circle", "square": "square"})
 CONFIG = """<View><Image name="image" value="$image"/>
-<RectangleLabels name="label" toName="image"><Label value="circle"/><Label value="square"/></RectangleLabels></View>"""
+<RectangleLabels name="label" toName="image"><Label value="circle" background="#e6194b"/><Label value="square" background="#4363d8"/></RectangleLabels></View>"""
 PROMPT = ('Locate every instance that belongs to the following categories: "circle, square". '
           'Report bbox coordinates in JSON format.')
 #: keys that may live without a TTL: fixed per deployment, or registries whose entries expire.

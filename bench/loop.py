@@ -85,7 +85,7 @@ def _run_versions(redis_url: str, prefix: str) -> dict[str, str]:
     """Every bulk run the store knows, with the model_version it was planned for."""
     import redis
 
-    from egm.runs import RunStore
+    from egm.bulk.run_store import RunStore
 
     store = RunStore(redis.Redis.from_url(redis_url), prefix)
     return {run: p.model_version for run in store.runs() if (p := store.progress(run)) and p.model_version}
@@ -123,7 +123,7 @@ def _table(rows: list[list], header: list[str]) -> str:
 
 def cmd_prepare(ws: Workspace, args) -> int:
     """Scenes of both splits, the manifest, and model v0."""
-    from egm.labeling import parse_labeling_config
+    from egm.labelstudio.config import parse_labeling_config
     from egm.prompts import load_templates
     from egm.scenes import read_scenes, write_scenes
     from egm.worker.tiny_model import build_tiny_checkpoint
@@ -267,12 +267,10 @@ def cmd_annotate(ws: Workspace, args, stack=None) -> int:
             prediction = predictions.get(task.id)
             predicted = predicted_regions(prediction.result, target) if prediction else []
             fix = correct(scene, predicted, target)
-            body = {"result": fix.result, "lead_time": 5.0 + 2.0 * (fix.drawn + fix.deleted)}
-            if prediction is not None:
-                body["parent_prediction"] = prediction.id
-            else:
+            if prediction is None:
                 totals["no_prediction"] += 1
-            client.request_json("POST", f"/api/tasks/{task.id}/annotations/", json=body)
+            client.create_annotation(task.id, fix.result, lead_time_s=5.0 + 2.0 * (fix.drawn + fix.deleted),
+                                     parent_prediction=prediction.id if prediction is not None else None)
             totals["annotated"] += 1
             for key in ("kept", "drawn", "deleted"):
                 totals[key] += getattr(fix, key)

@@ -25,7 +25,7 @@ from egm.bulk.progress import ProgressPrinter, format_duration
 from egm.bulk.runner import BulkRun, RunOutcome
 from egm.fleet import Fleet, FleetError, FleetView, NoLiveWorker, WorkerState
 from egm.queue import connect
-from egm.runs import RunProgress
+from egm.bulk.run_store import RunProgress, RunState
 
 from egm.cli.errors import (EXIT_ERROR, EXIT_FAILED_TASKS, EXIT_INTERRUPTED, EXIT_NOT_DONE, EXIT_OK,  # noqa: F401
                             EXIT_TERMINATED, EXIT_USAGE, Terminated)
@@ -88,7 +88,8 @@ class LocalWorkers:
         self.procs: dict[str, object] = {}
 
     def __enter__(self) -> "LocalWorkers":
-        base = {"REDIS_URL": self.settings.redis_url, "EGM_QUEUE_PREFIX": self.settings.queue_prefix, **self.env}
+        base = {**self.settings.environment(), "REDIS_URL": self.settings.redis_url,
+                "EGM_QUEUE_PREFIX": self.settings.queue_prefix, **self.env}
         for i in range(self.n):
             env = dict(base)
             if self.devices:
@@ -119,7 +120,7 @@ def model_source(settings: Settings) -> str:
             return f"{settings.engine} engine, MODEL_DIR {settings.model_dir}"
         return f"{settings.engine} engine, {settings.model_id} from the Hugging Face Hub: MODEL_DIR is unset"
     if settings.engine == "openai":
-        from egm.logs import redact
+        from egm.redaction import redact
 
         return f"openai engine, model server {redact(settings.openai_base_url)}"
     return f"{settings.engine} engine"
@@ -257,7 +258,7 @@ def _drive(run: BulkRun, options: DriveOptions, printer: ProgressPrinter, out, w
     printer.close(progress)
     outcome = run.finish(progress, set_project_version=options.set_project_version)
     print_summary(outcome, run.run_id, options, out)
-    if outcome.progress.state == "cancelled" or not outcome.complete:
+    if outcome.progress.state == RunState.cancelled or not outcome.complete:
         return EXIT_NOT_DONE
     return EXIT_FAILED_TASKS if outcome.failed else EXIT_OK
 

@@ -62,7 +62,7 @@ def service_errors(func):
             return func(args)
         except redis.exceptions.ConnectionError as exc:
             from egm.config.settings import get_settings
-            from egm.logs import redact
+            from egm.redaction import redact
 
             return fail(f"cannot reach Redis at {redact(get_settings().redis_url)} ({exc}); set REDIS_URL")
         except LabelStudioError as exc:

@@ -115,11 +115,33 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(
         10 * 1024 * 1024, validation_alias=_env("EGM_MAX_REQUEST_BYTES"),
-        description="Largest request body the backend accepts.",
+        description="Largest request body the backend accepts (/predict: EGM_MAX_PREDICT_BYTES).",
     )
     max_prompt_chars: int = Field(
         1000, validation_alias=_env("EGM_MAX_PROMPT_CHARS"),
         description="Longest typed referring expression accepted.",
+    )
+    max_predict_bytes: int = Field(
+        256 * 1024 * 1024, validation_alias=_env("EGM_MAX_PREDICT_BYTES"),
+        description="Largest /predict body accepted: Label Studio's \"Retrieve predictions\" sends every selected "
+                    "task in one request, with its annotations and predictions (a task without them is about 0.5 KB: "
+                    "5,000 tasks measured 2.5 MB on Label Studio 1.23).",
+    )
+    predict_bulk_tasks: int = Field(
+        200, validation_alias=_env("EGM_PREDICT_BULK_TASKS"), ge=1,
+        description="A /predict with more tasks than this is handed to the bulk path (as `prelabel`): it answers "
+                    "at once and the workers write the predictions to Label Studio.",
+    )
+    prompt_default_label: str | None = Field(
+        None, validation_alias=_env("EGM_PROMPT_DEFAULT_LABEL"),
+        description="Label of a typed prompt's box when the prompt names no label of the config "
+                    "(else the annotator is told to name one).",
+    )
+    ls_sync_version: bool = Field(
+        True, validation_alias=_env("EGM_LS_SYNC_VERSION"),
+        description="On /setup, rename the connected ML backend in Label Studio to the live model_version and set "
+                    "the project's model_version to it, so the Data Manager's prediction score column works "
+                    "(needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY).",
     )
 
     # --- Model / engine ------------------------------------------------------
@@ -287,6 +309,37 @@ class Settings(BaseSettings):
     def model_path(self) -> str:
         return self.model_dir or self.model_id
 
+    def with_overrides(self, **env: object) -> "Settings":
+        """These settings with some variables replaced, named as in the environment (``REDIS_URL=...``);
+        ``None`` leaves a variable as it is. Nothing is written to ``os.environ``."""
+        given = {name: value for name, value in env.items() if value is not None}
+        unknown = sorted(set(given) - set(_FIELD_OF))
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        values = {f: getattr(self, f) for f in self.model_fields_set}
+        values.update({_FIELD_OF[name]: value for name, value in given.items()})
+        return Settings(**values)
+
+    def is_set(self, env_name: str) -> bool:
+        """Whether variable ``env_name`` was given (environment or override) rather than defaulted."""
+        if env_name not in _FIELD_OF:
+            raise ValueError(f"unknown setting {env_name}")
+        return _FIELD_OF[env_name] in self.model_fields_set
+
+    def environment(self) -> dict[str, str]:
+        """The variables that give a child process these settings (those given, not defaulted)."""
+        out = {}
+        for name in sorted(self.model_fields_set):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[env_names(name)[0]] = str(value)
+        return out
+
     def secret_values(self) -> list[str]:
         """Every secret this process knows, for log redaction."""
         out = []
@@ -299,12 +352,34 @@ class Settings(BaseSettings):
         return out
 
 
+def env_names(field_name: str) -> list[str]:
+    """The environment variable(s) of a settings field, main name first."""
+    alias = Settings.model_fields[field_name].validation_alias
+    return [c for c in alias.choices if isinstance(c, str)] if isinstance(alias, AliasChoices) else [field_name]
+
+
+#: environment variable -> settings field.
+_FIELD_OF = {env: name for name in Settings.model_fields for env in env_names(name)}
+
+
+#: settings a command built from its flags (use_settings); None: read the environment.
+_installed: list[Settings | None] = [None]
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return _installed[0] or Settings()
 
 
 def reload_settings() -> Settings:
-    """Re-read the environment (tests, CLI flags that set variables)."""
+    """Re-read the environment (tests); forgets settings installed with :func:`use_settings`."""
+    _installed[0] = None
     get_settings.cache_clear()
     return get_settings()
+
+
+def use_settings(settings: Settings) -> Settings:
+    """Make ``settings`` what :func:`get_settings` returns in this process (the CLI, after its flags)."""
+    get_settings.cache_clear()
+    _installed[0] = settings
+    return settings

@@ -8,7 +8,7 @@ surer, so sorting *ascending* puts the most uncertain tasks first). ``EGM_UNCERT
   (:func:`egm.confidence.box_scores` / :func:`egm.confidence.task_score`). Free: it
   comes with the answer.
 * ``samples``: ``A`` = agreement of K answers per query (``EGM_UNCERTAINTY_SAMPLES``):
-  the kept answer and K-1 more (:func:`egm.confidence.disagreement_score`: mean
+  the kept answer and K-1 more (:func:`egm.confidence.sample_agreement`: mean
   matched-IoU of each extra answer against the kept one, 1 = all agree), averaged
   over the task's queries. Costs K-1 extra engine requests per query and only means
   something when the engine samples (``EGM_TEMPERATURE`` > 0).
@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from egm.confidence import disagreement_score, task_score
+from egm.confidence import sample_agreement, task_score
 from egm.geometry import Box
 
 UNCERTAINTY_MODES = ("logprob", "samples", "both")
@@ -36,7 +36,7 @@ UNCERTAINTY_MODES = ("logprob", "samples", "both")
 def samples_agreement(per_query_samples: list[list[list[Box]]]) -> float | None:
     """Mean agreement over queries; each query's list holds K answers (boxes), the kept one first.
     ``None`` when no query has two answers to compare."""
-    values = [disagreement_score(samples) for samples in per_query_samples if len(samples) >= 2]
+    values = [sample_agreement(samples) for samples in per_query_samples if len(samples) >= 2]
     return sum(values) / len(values) if values else None
 
 

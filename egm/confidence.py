@@ -20,7 +20,7 @@ token, or before it are allowed); otherwise the score is ``None``.
 The mean (not the minimum) keeps one hard box among many easy ones from flagging a
 whole image; the per-box scores stay on each region for finer review triage.
 
-**Sample agreement** (``disagreement_score``; used for active learning with K > 1 sampled
+**Sample agreement** (``sample_agreement``; used for active learning with K > 1 sampled
 answers per image). With ``A`` the boxes of the first sample and ``B_k`` those of sample k::
 
     agreement = (1 / (K - 1)) * sum_{k=2..K} [ sum_{(i, j) in M_k} IoU(A_i, B_k,j) / max(|A|, |B_k|) ]
@@ -54,7 +54,7 @@ def task_score(scores: list[float | None]) -> float | None:
     return sum(available) / len(available) if available else None
 
 
-def disagreement_score(samples: list[list[Box]]) -> float:
+def sample_agreement(samples: list[list[Box]]) -> float:
     """Agreement of K sampled answers with the first one, in [0, 1] (1.0 = all agree); see module doc."""
     if len(samples) < 2:
         return 1.0

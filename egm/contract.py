@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 #: Dotted path of the function RQ runs for a batch job (imported lazily by the worker).
-BATCH_FUNC = "egm.worker.jobs.run_batch"
+BATCH_FUNC = "egm.worker.rq_entry.run_batch"
 
 
 class Priority(str, Enum):
@@ -47,22 +47,50 @@ def parse_queue_name(prefix: str, name: str) -> tuple[Priority, str] | None:
     return None
 
 
-def redis_key(prefix: str, *parts: str | int) -> str:
-    """Every Redis key this project writes (besides RQ's own) is built here."""
-    return ":".join([prefix, *(str(p) for p in parts)])
+class ErrorKind(StrEnum):
+    """Why a task failed (``TaskResult.error_kind``); the value is what Redis, JSON and the run's
+    failed list carry. :attr:`is_transient` says whether trying the task again later may succeed."""
+
+    #: the image could not be downloaded or read (a server or a file may come back).
+    image_fetch = "image:fetch"
+    #: the URL or path is refused by policy (egm.images.url_guard).
+    image_blocked = "image:blocked"
+    image_too_large = "image:too_large"
+    #: empty, corrupt or truncated image data.
+    image_decode = "image:decode"
+    image_unsupported = "image:unsupported"
+    #: the task asks nothing (no queries).
+    request = "request"
+    #: the engine failed for this request.
+    engine = "engine"
+    #: the answer holds no readable box list.
+    parse = "parse"
+    #: Label Studio was unreachable past the worker's patience: the prediction can be written later.
+    ls_unavailable = "label_studio:unavailable"
+    #: Label Studio refused the write (4xx: the task was deleted, ...).
+    ls_refused = "label_studio:refused"
+    #: no worker of the job's model_version took it in time (egm.unserved).
+    version = "version"
+    #: the whole batch job failed after RQ's retries (the worker died with it, ...).
+    batch = "batch"
+
+    @classmethod
+    def of_image(cls, image_kind: str) -> "ErrorKind":
+        """The kind of an ``ImageLoadError`` of kind ``image_kind`` (``fetch``, ``decode``, ...)."""
+        return cls(f"image:{image_kind}")
+
+    @property
+    def is_transient(self) -> bool:
+        return self in TRANSIENT_ERROR_KINDS
 
 
-def written_key(prefix: str, model_version: str, task_id: int) -> str:
-    """Claim that the prediction of (task, model_version) is written to Label Studio (worker.delivery)."""
-    return redis_key(prefix, "written", model_version, task_id)
+#: Failures worth another try later (bulk runs retry them with backoff, egm.bulk.retries).
+TRANSIENT_ERROR_KINDS = frozenset({ErrorKind.image_fetch, ErrorKind.engine, ErrorKind.ls_unavailable})
 
 
-#: ``TaskResult.error_kind`` of tasks whose prediction could not be written to Label Studio:
-#: it was unreachable past the worker's patience (worth retrying later) or refused the write.
-LS_UNAVAILABLE = "label_studio:unavailable"
-LS_REFUSED = "label_studio:refused"
-#: ``TaskResult.error_kind`` of tasks whose job no worker of its model_version took in time.
-VERSION_UNSERVED = "version"
+def is_transient(kind: str | None) -> bool:
+    """Whether a task that failed with ``kind`` may succeed when tried again (unknown kinds: no)."""
+    return kind in TRANSIENT_ERROR_KINDS
 
 
 class LabelTarget(BaseModel):
@@ -73,8 +101,10 @@ class LabelTarget(BaseModel):
     labels: list[str]
     #: model label (lower-cased) -> config label, from ``predicted_values`` and the labels themselves.
     aliases: dict[str, str] = Field(default_factory=dict)
-    #: per-region TextArea that shows the model's reasoning next to each box.
+    #: per-region TextArea that shows the model's reasoning next to each box (that box's label's part).
     reasoning_from_name: str | None = None
+    #: task-level TextArea (not per region) that shows the whole reasoning about the image once.
+    image_reasoning_from_name: str | None = None
     #: key of the image in ``task.data``.
     image_key: str = "image"
 
@@ -142,8 +172,8 @@ class TaskResult(BaseModel):
     ref: str | None = None
     status: Literal["ok", "failed"]
     error: str | None = None
-    #: ``image`` / ``engine`` / ``parse`` / ``label_studio``: where a failure came from.
-    error_kind: str | None = None
+    #: why the task failed (see :class:`ErrorKind`).
+    error_kind: ErrorKind | None = None
     reasoning: str = ""
     boxes: list[BoxResult] = Field(default_factory=list)
     parse_status: str | None = None

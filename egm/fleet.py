@@ -30,7 +30,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from egm.config.settings import Settings
-from egm.contract import redis_key
+from egm.keys import Keys
 from egm.identity import prompt_setup
 
 #: a failed worker's record outlives it this long (its reason is what a user needs to read).
@@ -162,14 +162,12 @@ class Fleet:
     def __init__(self, connection: redis.Redis, prefix: str, heartbeat_s: float = 5.0) -> None:
         self.redis = connection
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.heartbeat_s = heartbeat_s
 
     @classmethod
     def from_settings(cls, settings: Settings, connection: redis.Redis) -> "Fleet":
         return cls(connection, settings.queue_prefix, settings.heartbeat_s)
-
-    def key(self, *parts: str) -> str:
-        return redis_key(self.prefix, "fleet", *parts)
 
     @property
     def ttl_s(self) -> int:
@@ -186,24 +184,24 @@ class Fleet:
         record.heartbeat_at = now
         ttl = FAILED_TTL_S if record.state == WorkerState.failed else self.ttl_s
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.key("worker", record.worker), record.model_dump_json(), ex=ttl)
-            pipe.sadd(self.key("workers"), record.worker)
+            pipe.set(self.keys.fleet_worker(record.worker), record.model_dump_json(), ex=ttl)
+            pipe.sadd(self.keys.fleet_workers(), record.worker)
             if record.state == WorkerState.ready and record.model_version:
-                pipe.hsetnx(self.key("versions", "first"), record.model_version, repr(now))
-                pipe.hset(self.key("versions", "last"), record.model_version, repr(now))
-                pipe.hset(self.key("versions", "prompts"), record.model_version, json.dumps(record.prompts))
+                pipe.hsetnx(self.keys.fleet_versions("first"), record.model_version, repr(now))
+                pipe.hset(self.keys.fleet_versions("last"), record.model_version, repr(now))
+                pipe.hset(self.keys.fleet_versions("prompts"), record.model_version, json.dumps(record.prompts))
             pipe.execute()
 
     def remove(self, name: str) -> None:
         with self.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(self.key("worker", name))
-            pipe.srem(self.key("workers"), name)
+            pipe.delete(self.keys.fleet_worker(name))
+            pipe.srem(self.keys.fleet_workers(), name)
             pipe.execute()
 
     # -- everyone's side ------------------------------------------------------------------
     def view(self) -> FleetView:
-        names = sorted(n.decode() for n in self.redis.smembers(self.key("workers")))
-        raws = self.redis.mget([self.key("worker", n) for n in names]) if names else []
+        names = sorted(n.decode() for n in self.redis.smembers(self.keys.fleet_workers()))
+        raws = self.redis.mget([self.keys.fleet_worker(n) for n in names]) if names else []
         workers, gone = [], []
         for name, raw in zip(names, raws):
             if raw is None:
@@ -214,18 +212,18 @@ class Fleet:
             except ValueError:
                 gone.append(name)
         if gone:
-            self.redis.srem(self.key("workers"), *gone)
+            self.redis.srem(self.keys.fleet_workers(), *gone)
         now = self.now()
-        first = _floats(self.redis.hgetall(self.key("versions", "first")))
-        last = _floats(self.redis.hgetall(self.key("versions", "last")))
+        first = _floats(self.redis.hgetall(self.keys.fleet_versions("first")))
+        last = _floats(self.redis.hgetall(self.keys.fleet_versions("last")))
         stale = [v for v, t in last.items() if now - t > VERSION_MEMORY_S]
         if stale:
             for part in ("first", "last", "prompts"):
-                self.redis.hdel(self.key("versions", part), *stale)
+                self.redis.hdel(self.keys.fleet_versions(part), *stale)
             for v in stale:
                 first.pop(v, None)
                 last.pop(v, None)
-        prompts = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.key("versions", "prompts")).items()}
+        prompts = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys.fleet_versions("prompts")).items()}
         return FleetView(workers=workers, first_seen=first, last_seen=last, now=now, prompts=prompts)
 
     def current_version(self) -> str:

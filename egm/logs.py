@@ -5,41 +5,23 @@ JSON lines, other commands write ``level: message (key=value ...)`` when stderr 
 JSON otherwise. Commands log warnings and errors only unless ``EGM_LOG_LEVEL`` says otherwise: what
 a person needs to read they print; logs are for what went wrong.
 
-Every log record passes through :class:`RedactingFilter`, which replaces any
-known secret (API keys, passwords from the settings) and anything that looks
-like a credential (``Authorization`` headers, ``token=`` query parameters,
-``user:pass@`` in URLs) before a handler formats it.
+Every log record passes through :class:`RedactingFilter`, which applies
+:func:`egm.redaction.redact` (known secrets from the settings, credential-looking
+pieces, the URL policy) before a handler formats it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from typing import Any
 
 from egm.config.settings import Settings
-
-_PATTERNS = [
-    (re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(token|bearer|basic)\s+[^\s\"',}]+"), r"\1\2 ***"),
-    (re.compile(r"(?i)([?&](?:token|access_token|api_key|apikey|key|password|sig|signature)=)[^&\s\"']+"), r"\1***"),
-    # user:password@ in URLs; the user may be empty (redis://:password@host, Redis's usual form)
-    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)([^/\s:@]*):([^/\s@]+)@"), r"\1\2:***@"),
-    (re.compile(r"(?i)(\"?(?:password|api_key|access_token|refresh|token)\"?\s*[:=]\s*\"?)[^\s\",}]{6,}"), r"\1***"),
-]
+from egm.redaction import redact
 
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    for pattern, repl in _PATTERNS:
-        text = pattern.sub(repl, text)
-    return text
 
 
 class RedactingFilter(logging.Filter):

@@ -7,22 +7,44 @@
 * ``EGM_PROMPT_MODE=per_label`` -> one EGM referring prompt per label: what EGM
   was trained on (referring expressions), more accurate per label, but one call
   per label per image.
+
+The label of a typed prompt's box (:func:`prompt_label`): the label the annotator selected
+when Label Studio sends it, else the label the expression names ("the two yellow circles"
+-> ``circle``; a ``predicted_values`` name counts for its label, matched as
+:func:`egm.reasoning.first_label_named` matches), else the default (the labeling config's
+``<Label default="true">`` or ``selected="true"``, else ``EGM_PROMPT_DEFAULT_LABEL``), else none: the request is answered with a message, never
+silently with the config's first label.
 """
 
 from __future__ import annotations
 
 from egm.contract import LabelTarget, Query, TaskJob
 from egm.prompts import PromptTemplates
+from egm.reasoning import first_label_named
 
 
 class TaskDataError(ValueError):
     """A task lacks the image its labeling config points at."""
 
 
+def prompt_label(expression: str, target: LabelTarget, selected: str | None = None,
+                 default: str | None = None) -> str | None:
+    """The config label for a typed prompt's box; ``None`` when nothing says which (see module doc)."""
+    if selected and selected in target.labels:
+        return selected
+    named = first_label_named(expression, [*target.labels, *target.aliases])
+    if named is not None:
+        return named if named in target.labels else target.aliases.get(named.lower())
+    if default:
+        return default if default in target.labels else target.aliases.get(default.strip().lower())
+    return None
+
+
 def build_queries(target: LabelTarget, templates: PromptTemplates, mode: str,
-                  expression: str | None = None) -> list[Query]:
+                  expression: str | None = None, label: str | None = None) -> list[Query]:
+    """``label``: the label of a typed prompt's boxes (:func:`prompt_label`)."""
     if expression:
-        return [Query(text=templates.referring_prompt(expression), expression=expression)]
+        return [Query(text=templates.referring_prompt(expression), label=label, expression=expression)]
     if mode == "per_label":
         return [Query(text=templates.referring_prompt(label), label=label) for label in target.labels]
     return [Query(text=templates.multi_prompt(target.labels))]

@@ -11,6 +11,7 @@ Delivery handshake (so a result reaches Label Studio exactly once):
   after claiming ``deliver:<job>`` (which also takes the job off the ``late``
   schedule); at the deadline it moves ``handoff:<job>`` to "now" and makes one
   last check for a stored result;
+* :meth:`QueueClient.collect` is the requester's whole algorithm (wait, claim, hand off);
 * workers sweep the ``late`` schedule between jobs: a due job that nobody claimed
   (the backend died or lost Redis while it waited) is claimed and delivered then.
 
@@ -24,6 +25,7 @@ write); per-task claims in :mod:`egm.worker.delivery` keep those writes exactly-
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 import redis
 from rq import Queue, Retry
@@ -32,7 +34,8 @@ from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from egm.config.settings import Settings
-from egm.contract import BATCH_FUNC, BatchJob, BatchResult, Priority, parse_queue_name, queue_name, redis_key
+from egm.contract import BATCH_FUNC, BatchJob, BatchResult, Priority, parse_queue_name, queue_name
+from egm.keys import Keys
 
 HANDOFF_TTL_S = 24 * 3600
 BLOCK_SLICE_S = 2.0
@@ -61,13 +64,11 @@ class QueueClient:
     def __init__(self, settings: Settings, connection: redis.Redis | None = None) -> None:
         self.settings = settings
         self.prefix = settings.queue_prefix
+        self.keys = Keys(self.prefix)
         self.redis = connection or connect(settings)
         self.serializer = JSONSerializer
         self._queues: dict[str, Queue] = {}
         self._defer = self.redis.register_script(_DEFER_LUA)
-
-    def key(self, *parts: str) -> str:
-        return redis_key(self.prefix, *parts)
 
     # -- queues: one pair per model_version (egm.contract) ----------------------------------
     def queue(self, priority: Priority, model_version: str) -> Queue:
@@ -127,13 +128,13 @@ class QueueClient:
             return
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.set(self.key("handoff", job_id), repr(float(deadline)), ex=HANDOFF_TTL_S)
+                pipe.set(self.keys.handoff(job_id), repr(float(deadline)), ex=HANDOFF_TTL_S)
             pipe.execute()
 
     # -- waiting for results -------------------------------------------------------------
     def wait_any(self, job_ids: list[str], deadline: float) -> str | None:
         """Block until one of the jobs finishes or the deadline passes; returns its id."""
-        keys = [self.key("done", j) for j in job_ids]
+        keys = [self.keys.done(j) for j in job_ids]
         while job_ids:
             remaining = deadline - time.time()
             if remaining <= 0:
@@ -141,12 +142,19 @@ class QueueClient:
             # Short slices stay under the client's socket timeout (5 s by default in redis-py).
             popped = self.redis.blpop(keys, timeout=max(0.01, min(remaining, BLOCK_SLICE_S)))
             if popped is not None:
-                return popped[0].decode().rsplit(":", 1)[-1]
+                return Keys.job_of(popped[0])
         return None
 
     def result(self, job_id: str) -> BatchResult | None:
-        raw = self.redis.get(self.key("result", job_id))
+        raw = self.redis.get(self.keys.result(job_id))
         return BatchResult.model_validate_json(raw) if raw else None
+
+    def results(self, job_ids: list[str], chunk: int = 200) -> Iterator[BatchResult]:
+        """Stored results of many jobs, ``chunk`` per round trip; expired or missing ones are skipped."""
+        for start in range(0, len(job_ids), chunk):
+            for raw in self.redis.mget([self.keys.result(j) for j in job_ids[start:start + chunk]]):
+                if raw:
+                    yield BatchResult.model_validate_json(raw)
 
     def claim_for_response(self, job_id: str) -> BatchResult | None:
         """The result, if it exists and the worker is not delivering it."""
@@ -156,25 +164,44 @@ class QueueClient:
         # Answered here: the markers need only outlive the result (afterwards nobody can deliver it).
         ttl = max(60, self.settings.result_ttl_s)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.key("deliver", job_id), "backend", nx=True, ex=ttl)
+            pipe.set(self.keys.deliver(job_id), "backend", nx=True, ex=ttl)
             # and the late sweep has nothing to do for it
-            pipe.zrem(self.key("late"), job_id)
-            pipe.hdel(self.key("late-project"), job_id)
+            pipe.zrem(self.keys.late(), job_id)
+            pipe.hdel(self.keys.late_project(), job_id)
             won = pipe.execute()[0]
         if won:
-            self.redis.expire(self.key("handoff", job_id), ttl)
+            self.redis.expire(self.keys.handoff(job_id), ttl)
         return result if won else None
 
     def hand_off(self, job_id: str) -> BatchResult | None:
         """Stop waiting: the worker delivers when done. Returns the result if it landed just now."""
-        self.redis.set(self.key("handoff", job_id), HANDOFF_NOW, ex=HANDOFF_TTL_S)
+        self.redis.set(self.keys.handoff(job_id), HANDOFF_NOW, ex=HANDOFF_TTL_S)
         return self.claim_for_response(job_id)
+
+    def collect(self, job_ids: list[str], deadline: float) -> dict[str, BatchResult]:
+        """The requester's half of the hand-off: wait for the jobs until ``deadline``, keep each result
+        whose delivery it wins, and hand the rest off to the workers (who write them to Label Studio)."""
+        results: dict[str, BatchResult] = {}
+        waiting = set(job_ids)
+        while waiting:
+            finished = self.wait_any(sorted(waiting), deadline)
+            if finished is None:
+                break
+            waiting.discard(finished)
+            batch = self.claim_for_response(finished)
+            if batch is not None:
+                results[finished] = batch
+        for job_id in waiting:
+            batch = self.hand_off(job_id)
+            if batch is not None:
+                results[job_id] = batch
+        return results
 
     # -- worker side -------------------------------------------------------------------------
     def store_result(self, result: BatchResult) -> None:
         with self.redis.pipeline() as pipe:
-            pipe.set(self.key("result", result.job_id), result.model_dump_json(), ex=self.settings.result_ttl_s)
-            done = self.key("done", result.job_id)
+            pipe.set(self.keys.result(result.job_id), result.model_dump_json(), ex=self.settings.result_ttl_s)
+            done = self.keys.done(result.job_id)
             pipe.delete(done)
             pipe.rpush(done, "1")
             pipe.expire(done, self.settings.result_ttl_s)
@@ -182,7 +209,7 @@ class QueueClient:
 
     def handoff_due(self, job_id: str) -> float | None:
         """When the worker may deliver this job's result (epoch seconds); ``None``: never (not handed off)."""
-        raw = self.redis.get(self.key("handoff", job_id))
+        raw = self.redis.get(self.keys.handoff(job_id))
         if raw is None:
             return None
         try:
@@ -198,7 +225,7 @@ class QueueClient:
         return self._claim_delivery(job_id)
 
     def _claim_delivery(self, job_id: str) -> bool:
-        key = self.key("deliver", job_id)
+        key = self.keys.deliver(job_id)
         if self.redis.set(key, "worker", nx=True, ex=HANDOFF_TTL_S):
             return True
         # Already the workers': a retry of a job whose write failed delivers again (per-task claims dedupe).
@@ -206,26 +233,26 @@ class QueueClient:
 
     def defer_delivery(self, job_id: str, project_id: int | None, due: float) -> bool:
         """File a finished job for the ``late`` sweep, unless the requester already claimed it."""
-        keys = [self.key("deliver", job_id), self.key("late"), self.key("late-project")]
+        keys = [self.keys.deliver(job_id), self.keys.late(), self.keys.late_project()]
         args = [due + LATE_GRACE_S, job_id, "" if project_id is None else str(project_id)]
         return bool(self._defer(keys=keys, args=args))
 
     def take_due_deliveries(self, now: float | None = None, limit: int = 100) -> list[tuple[str, int | None]]:
         """Remove and return due ``late`` entries as (job id, project id); each goes to one sweeper only."""
-        key = self.key("late")
+        key = self.keys.late()
         job_ids = self.redis.zrangebyscore(key, 0, now if now is not None else time.time(), start=0, num=limit)
         out = []
         for raw in job_ids:
             if self.redis.zrem(key, raw):  # the sweeper that removes it owns it
                 with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.hget(self.key("late-project"), raw)
-                    pipe.hdel(self.key("late-project"), raw)
+                    pipe.hget(self.keys.late_project(), raw)
+                    pipe.hdel(self.keys.late_project(), raw)
                     project = pipe.execute()[0]
                 out.append((raw.decode(), int(project) if project else None))
         return out
 
     def late_pending(self) -> int:
-        return int(self.redis.zcard(self.key("late")))
+        return int(self.redis.zcard(self.keys.late()))
 
     # -- introspection -------------------------------------------------------------------------
     def depths(self) -> dict[str, dict]:

@@ -14,7 +14,8 @@ import time
 
 import redis
 
-from egm.contract import BatchJob, BatchResult, redis_key
+from egm.contract import BatchJob, BatchResult
+from egm.keys import Keys
 
 #: throughput is counted in buckets of this many seconds, kept for an hour
 RATE_BUCKET_S = 10
@@ -39,10 +40,11 @@ class StatsStore:
     def __init__(self, connection: redis.Redis, prefix: str) -> None:
         self.redis = connection
         self.prefix = prefix
-        self.key = redis_key(prefix, "stats")
+        self.keys = Keys(prefix)
+        self.key = self.keys.stats()
 
     def _rate_key(self, bucket: int) -> str:
-        return redis_key(self.prefix, "rate", bucket)
+        return self.keys.rate(bucket)
 
     def count_finished(self, n: int, pipe=None, now: float | None = None) -> None:
         """Count finished tasks in a short time bucket (for the recent throughput)."""

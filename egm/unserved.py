@@ -18,11 +18,11 @@ import logging
 
 from rq.job import Job
 
-from egm.contract import VERSION_UNSERVED, BatchJob, BatchResult, TaskResult
+from egm.contract import BatchJob, ErrorKind, BatchResult, TaskResult
 from egm.fleet import FleetView
 from egm.queue import QueueClient
 from egm.bulk.completion import finish_if_done
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _fail(queue: QueueClient, job: Job, reason: str, sweeper: str) -> None:
         job.cancel()
         return
     result = BatchResult(job_id=payload.job_id, model_version=payload.model_version, worker=sweeper, results=[
-        TaskResult(task_id=t.task_id, ref=t.ref, status="failed", error=reason, error_kind=VERSION_UNSERVED)
+        TaskResult(task_id=t.task_id, ref=t.ref, status="failed", error=reason, error_kind=ErrorKind.version)
         for t in payload.tasks])
     queue.store_result(result)
     if payload.run_id:

@@ -21,7 +21,7 @@ import httpx
 
 from egm import processes
 from egm.contract import BatchJob, Priority, Query, TaskJob
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from tests.stack import BOXES_CONFIG, SAMPLES, TARGET, sample_images
 
 T = TypeVar("T")

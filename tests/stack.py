@@ -14,7 +14,7 @@ TARGET = LabelTarget(from_name="label", to_name="image", labels=["circle", "squa
 BOXES_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image">
-    <Label value="circle"/><Label value="square"/>
+    <Label value="circle" background="#e6194b"/><Label value="square" background="#4363d8"/>
   </RectangleLabels>
   <TextArea name="reasoning" toName="image" perRegion="true"/>
 </View>"""

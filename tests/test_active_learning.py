@@ -8,14 +8,14 @@ import pytest
 
 from egm.active_learning import (Candidate, prediction_score, rank_candidates, samples_agreement, unlabeled_filter,
                                  view_for)
-from egm.confidence import disagreement_score
+from egm.confidence import sample_agreement
 from egm.geometry import Box
 from egm.parsing import parse_completion
 from tests.stack import SAMPLES, batch_job, sample_images
 from egm.worker.cache import ResultCache
 from egm.worker.engines.base import EngineOutput
 from egm.worker.engines.scripted import ScriptedEngine
-from egm.worker.pipeline import BatchProcessor
+from egm.worker.batch_processor import BatchProcessor
 
 LOGPROB = -0.2
 
@@ -99,7 +99,7 @@ def _processor(settings, engine):
 def _expected_agreement(text: str) -> float:
     box = parse_completion(text).boxes[0].box
     moved = [Box(box.x1 + 40 * n, box.y1, box.x2 + 40 * n, box.y2) for n in (1, 2)]
-    return disagreement_score([[box], [moved[0]], [moved[1]]])
+    return sample_agreement([[box], [moved[0]], [moved[1]]])
 
 
 def test_logprob_score_needs_no_extra_requests(redis_settings):

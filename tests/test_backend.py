@@ -144,13 +144,13 @@ def test_late_results_are_handed_to_the_worker(settings, monkeypatch, tmp_path):
             resp = c.post("/predict", json={"tasks": _tasks(2), "project": "3.1", "label_config": BOXES_CONFIG})
             assert resp.json()["results"] == [[], []]  # nothing yet: no duplicate prediction later
             queue = c.app.state.queue
-            handoffs = list(queue.redis.scan_iter(queue.key("handoff", "*")))
+            handoffs = list(queue.redis.scan_iter(queue.keys.handoff("*")))
             assert len(handoffs) == 1
             job_id = handoffs[0].decode().rsplit(":", 1)[-1]
             deadline = time.monotonic() + 60
             while queue.result(job_id) is None and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert queue.redis.get(queue.key("deliver", job_id)) == b"worker"
+            assert queue.redis.get(queue.keys.deliver(job_id)) == b"worker"
             assert [r.status for r in queue.result(job_id).results] == ["ok", "ok"]
     finally:
         processes.stop(proc)
@@ -172,10 +172,20 @@ def test_bad_predict_requests_get_a_clear_4xx(client, body, needle):
     assert needle.lower() in resp.json()["detail"].lower()
 
 
-def test_non_json_and_oversized_bodies(client, settings):
-    assert client.post("/predict", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
-    huge = b"x" * (settings.max_request_bytes + 1)
-    assert client.post("/predict", content=huge, headers={"content-type": "application/json"}).status_code == 413
+def test_non_json_and_oversized_bodies(settings, monkeypatch):
+    monkeypatch.setenv("EGM_MAX_PREDICT_BYTES", str(settings.max_request_bytes * 2))
+    from egm.config.settings import reload_settings
+
+    settings = reload_settings()
+    with TestClient(create_app(settings)) as client:
+        json_headers = {"content-type": "application/json"}
+        assert client.post("/predict", content=b"{not json", headers=json_headers).status_code == 422
+        # /predict has its own, larger limit (Retrieve predictions sends every selected task at once)
+        over_general = b"x" * (settings.max_request_bytes + 1)
+        assert client.post("/predict", content=over_general, headers=json_headers).status_code == 422
+        assert client.post("/setup", content=over_general, headers=json_headers).status_code == 413
+        huge = client.post("/predict", content=b"x" * (settings.max_predict_bytes + 1), headers=json_headers)
+        assert huge.status_code == 413 and "EGM_MAX_PREDICT_BYTES" in huge.json()["detail"]
 
 
 def test_enormous_prompt_is_refused(client):
@@ -239,7 +249,7 @@ def test_metrics_are_prometheus_text_and_move_when_jobs_run(client, worker):
 
     before = client.get("/metrics").text
     assert client.post("/predict", json={"tasks": _tasks(2), "label_config": BOXES_CONFIG}).status_code == 200
-    # the worker counts a batch before it stores the result that answers /predict (worker/jobs.py _finish)
+    # the worker counts a batch before it stores the result that answers /predict (worker/rq_entry.py _finish)
     after = client.get("/metrics").text
     assert sample(after, "egm_tasks_total", status="ok") == sample(before, "egm_tasks_total", status="ok") + 2
     assert sample(after, "egm_jobs_total") >= 1

@@ -57,6 +57,7 @@ def settings(egm_env, monkeypatch, media):
     monkeypatch.setenv("EGM_PREDICT_BUDGET_S", "60")
     monkeypatch.setenv("EGM_BATCH_SIZE", "32")  # every task of a call in one batch job
     monkeypatch.setenv("EGM_MAX_IMAGE_PIXELS", "50000000")
+    monkeypatch.setenv("EGM_MAX_PREDICT_BYTES", str(12 * 1024 * 1024))  # the 413 test sends one over it
     from egm.config.settings import reload_settings
 
     return reload_settings()
@@ -101,7 +102,7 @@ def _stored(client) -> dict[int, object]:
     """Task id -> TaskResult of every batch the workers finished (the reasons /predict does not show)."""
     queue = client.app.state.queue
     out = {}
-    for key in queue.redis.scan_iter(queue.key("result", "*")):
+    for key in queue.redis.scan_iter(queue.keys.result("*")):
         for r in BatchResult.model_validate_json(queue.redis.get(key)).results:
             out[r.task_id] = r
     return out
@@ -207,6 +208,6 @@ def test_enormous_prompts_are_refused_before_anything_is_queued(client, settings
 
 def test_prompt_beyond_the_body_limit_is_413(client, settings):
     body = b'{"tasks": [{"id": 1, "data": {"image": "a.jpg"}}], "params": {"context": "' + \
-        b"x" * settings.max_request_bytes + b'"}}'
+        b"x" * settings.max_predict_bytes + b'"}}'
     resp = client.post("/predict", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 413

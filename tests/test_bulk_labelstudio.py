@@ -16,7 +16,7 @@ from rq.registry import StartedJobRegistry
 from egm import processes
 from egm.contract import BatchJob, Priority, Query, TaskJob
 from egm.queue import QueueClient
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from egm.stats import StatsStore
 from tests.bulk_support import CORRUPT_JPEG, image_bytes, run_cli
 from tests.stack import BOXES_CONFIG, TARGET, spawn_worker, version_of, worker_env

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from egm.bulk.jobs import cancel_run
+from egm.bulk.rq_jobs import cancel_run
 from egm.bulk.outputs import COCO_FILE, LS_IMPORT_FILE
 from egm.bulk.progress import ProgressPrinter, format_duration, render
-from egm.bulk.retries import RetryScheduler, backoff_s
+from egm.backoff import backoff_s
+from egm.bulk.retries import MAX_BACKOFF_S, RetryScheduler
 from egm.bulk.runner import BulkRun, local_spec, local_target
 from egm.bulk.sources import manifest_tasks
 from egm.bulk.spec import batch_job_id
 from egm.contract import Priority
 from egm.geometry import Box, grid_to_pixels
 from egm.queue import QueueClient
-from egm.runs import RunProgress, RunStore
+from egm.bulk.run_store import RunProgress, RunStore
 from tests.bulk_support import CORRUPT_JPEG, run_cli, write_images
 from tests.stack import SAMPLES, batch_job, version_of
 from egm.worker.batch_worker import run_worker
@@ -163,7 +164,7 @@ def test_transient_failures_are_retried_with_backoff_then_fail_with_their_reason
     assert set(RetryScheduler(run.queue).pending(run.run_id)) == {"data/later.png", "data/never.png"}
     shutil.copy(data / "img0000.png", data / "later.png")
     for _ in range(3):  # each round: wait out the backoff, promote, work
-        time.sleep(backoff_s(settings.task_retry_backoff_s, 3))
+        time.sleep(backoff_s(3, settings.task_retry_backoff_s, MAX_BACKOFF_S))
         RetryScheduler(run.queue).promote_due()
         work(settings, engine)
     outcome = run.finish(run.follow(timeout_s=30))
@@ -312,17 +313,17 @@ def test_progress_line():
 
 def test_which_failures_are_transient():
     from egm.bulk.retries import is_transient
-    from egm.contract import LS_REFUSED, LS_UNAVAILABLE, TaskResult
+    from egm.contract import ErrorKind, TaskResult
 
     def failed(kind, error="x"):
         return TaskResult(task_id=1, status="failed", error_kind=kind, error=error)
 
     assert is_transient(failed("image:fetch")) and is_transient(failed("engine"))
-    assert is_transient(failed(LS_UNAVAILABLE, "prediction not written to Label Studio: Label Studio unavailable"))
-    assert not is_transient(failed(LS_REFUSED, "Label Studio refused the prediction: task not found"))
+    assert is_transient(failed(ErrorKind.ls_unavailable, "prediction not written to Label Studio: Label Studio unavailable"))
+    assert not is_transient(failed(ErrorKind.ls_refused, "Label Studio refused the prediction: task not found"))
     assert not any(is_transient(failed(k)) for k in ("image:decode", "image:blocked", "image:too_large", "parse"))
     assert not is_transient(TaskResult(task_id=1, status="ok"))
-    assert backoff_s(2.0, 1) == 2.0 and backoff_s(2.0, 3) == 8.0 and backoff_s(2.0, 30) == 300.0
+    assert [backoff_s(n, 2.0, MAX_BACKOFF_S) for n in (1, 3, 30)] == [2.0, 8.0, 300.0]
 
 
 def test_a_changed_folder_is_planned_as_it_is_now(settings, data, tmp_path):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from egm.cli.commands.config import markdown_table
-from egm.logs import RedactingFilter, configure_logging, redact
+from egm.logs import RedactingFilter, configure_logging
+from egm.redaction import redact
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from egm.confidence import box_scores, disagreement_score, task_score
+from egm.confidence import box_scores, sample_agreement, task_score
 from egm.geometry import Box
 from egm.parsing import ParsedBox, ParsedCompletion, ParseStatus, parse_completion
 
@@ -188,5 +188,5 @@ C = Box(500, 500, 600, 600)
     ids=["none", "one", "identical", "both-empty", "second-empty", "first-empty", "disjoint", "half",
          "three-samples", "missing-box", "reordered", "multi-partial"],
 )
-def test_disagreement_score(samples, expected) -> None:
-    assert disagreement_score(samples) == pytest.approx(expected)
+def test_sample_agreement(samples, expected) -> None:
+    assert sample_agreement(samples) == pytest.approx(expected)

@@ -11,7 +11,7 @@ from PIL import Image
 from egm.processes import free_port
 from tests.openai_test_server import OpenAITestServer, ServerBehavior
 from egm.worker.engines.base import DecodingConfig, EngineError, EngineRequest
-from egm.worker.engines.common import align_pieces, fit_within_pixels, fitted_size, join_reasoning
+from egm.worker.engines.served import align_pieces, fit_within_pixels, fitted_size, join_reasoning
 from egm.worker.engines.openai_compat import OpenAICompatEngine, normalize_base_url, parse_chat_response
 
 try:  # generic checks shared by every engine, when that helper exists
@@ -287,15 +287,14 @@ def test_broken_image_fails_only_its_request(server):
     assert outputs[1].error is None
 
 
-def test_sampling_sends_n_and_keeps_extra_samples(server):
-    engine = OpenAICompatEngine(server.base_url, DecodingConfig(temperature=0.7, num_samples=3, top_k=0),
-                                max_pixels=MAX_PIXELS)
+def test_sampling_asks_one_answer_per_request(server):
+    """K samples are K requests made by the pipeline, not the API's ``n``."""
+    engine = OpenAICompatEngine(server.base_url, DecodingConfig(temperature=0.7, top_k=0), max_pixels=MAX_PIXELS)
     out = engine.generate(make_requests(1))[0]
     engine.close()
     body = server.stats.requests[0]
-    assert body["n"] == 3 and body["temperature"] == 0.7 and "top_k" not in body
-    assert len(out.extra["samples"]) == 2
-    assert all("".join(s["tokens"]) == s["text"] for s in out.extra["samples"])
+    assert "n" not in body and body["temperature"] == 0.7 and "top_k" not in body
+    assert "samples" not in out.extra and "".join(out.tokens) == out.text
 
 
 def test_empty_batch_makes_no_calls(server):

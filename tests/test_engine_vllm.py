@@ -279,13 +279,12 @@ def test_whole_batch_failure_raises(fake_vllm):
         engine.generate(requests_for(prompt("POISON one"), prompt("POISON two")))
 
 
-def test_sampling_returns_extra_samples(fake_vllm):
-    engine = make_engine(DecodingConfig(temperature=0.7, num_samples=3))
-    assert engine.sampling.kwargs["n"] == 3 and engine.sampling.kwargs["temperature"] == 0.7
+def test_sampling_asks_one_answer_per_request(fake_vllm):
+    """K samples are K requests made by the pipeline, not the engine's ``n``."""
+    engine = make_engine(DecodingConfig(temperature=0.7))
+    assert engine.sampling.kwargs["n"] == 1 and engine.sampling.kwargs["temperature"] == 0.7
     out = engine.generate(requests_for(prompt("the dog")))[0]
-    assert len(out.extra["samples"]) == 2
-    for sample in out.extra["samples"]:
-        assert "".join(sample["tokens"]) == sample["text"]
+    assert "samples" not in out.extra and "".join(out.tokens) == out.text
 
 
 def test_missing_logprobs_leave_tokens_empty(fake_vllm):

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from egm.labeling import parse_labeling_config
+from egm.labelstudio.config import parse_labeling_config
 from egm.backend.metrics import MetricsCollector
 from egm.backend.models import WebhookEvent
 from egm.backend.webhook import WebhookHandler
@@ -46,7 +46,7 @@ from egm import processes
 from tests.stack import SAMPLES, spawn_worker
 from egm.worker.delivery import LabelStudioWriter
 from egm.worker.engines.scripted import ScriptedEngine
-from egm.worker.pipeline import BatchProcessor
+from egm.worker.batch_processor import BatchProcessor
 
 CONFIG = (Path(__file__).resolve().parents[1] / "config" / "labeling" / "boxes_reasoning.xml").read_text()
 MODEL_VERSION = "egm-export-test-1"

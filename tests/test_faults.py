@@ -94,7 +94,7 @@ def test_label_studio_unreachable_for_a_while_then_back(label_studio, redis_url,
     out = wait_until(_settled(label_studio, project, list(tasks), queue, run_id), 90, "every task settled")
     assert not out.duplicated and not out.failed
     assert all(out.counts[t] == 1 for t in tasks)
-    assert all(queue.redis.get(queue.key("deliver", j.job_id)) == b"worker" for j in interactive)
+    assert all(queue.redis.get(queue.keys.deliver(j.job_id)) == b"worker" for j in interactive)
 
 
 def test_label_studio_down_longer_than_the_patience_fails_those_tasks_with_a_reason(
@@ -180,7 +180,7 @@ def test_worker_killed_in_the_middle_of_an_interactive_job_run_in_a_pause(label_
     assert not out.duplicated and not out.failed
     assert all(out.counts[t] == 1 for t in tasks)
     assert queue.result(interactive.job_id) is not None
-    assert queue.redis.get(queue.key("deliver", interactive.job_id)) == b"worker"
+    assert queue.redis.get(queue.keys.deliver(interactive.job_id)) == b"worker"
 
 
 # --------------------------------------------------------------------------- write-behind outbox
@@ -250,7 +250,7 @@ def queue_jobs_left(queue) -> int:
 
 
 def _outbox_size(queue) -> int:
-    return int(queue.redis.zcard(queue.key("outbox")))
+    return int(queue.redis.zcard(queue.keys.outbox()))
 
 
 # --------------------------------------------------------------------------- backend restarted
@@ -282,7 +282,7 @@ def test_backend_killed_while_predict_calls_wait(label_studio, redis_url, procs)
     threads = [threading.Thread(target=call, args=(c,)) for c in calls]
     for t in threads:
         t.start()
-    wait_until(lambda: len(list(queue.redis.scan_iter(queue.key("handoff", "*")))) == 3, 10, "three jobs queued")
+    wait_until(lambda: len(list(queue.redis.scan_iter(queue.keys.handoff("*")))) == 3, 10, "three jobs queued")
     p.kill("backend")  # SIGKILL while all three wait (the first job needs 1.5 s)
     for t in threads:
         t.join(10)
@@ -318,8 +318,8 @@ def test_live_backend_answers_and_the_worker_stays_out(label_studio, redis_url, 
     resp = p.predict(predict_body(project, tasks))
     assert resp.status_code == 200
     assert all(r and r["result"] for r in resp.json()["results"])
-    handoffs = [k.decode().rsplit(":", 1)[-1] for k in queue.redis.scan_iter(queue.key("handoff", "*"))]
-    assert handoffs and all(queue.redis.get(queue.key("deliver", j)) == b"backend" for j in handoffs)
+    handoffs = [k.decode().rsplit(":", 1)[-1] for k in queue.redis.scan_iter(queue.keys.handoff("*"))]
+    assert handoffs and all(queue.redis.get(queue.keys.deliver(j)) == b"backend" for j in handoffs)
     # the backend's claim took the jobs off the late schedule; a sweep long after the deadline finds nothing
     assert queue.late_pending() == 0
     due = queue.take_due_deliveries(now=time.time() + 3600)

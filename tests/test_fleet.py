@@ -17,14 +17,15 @@ from egm.backend.app import create_app
 from egm.fleet import Fleet, NoLiveWorker, PromptMismatch, VersionNotServed, WorkerRecord, WorkerState
 from egm.identity import prompt_setup
 from egm.queue import QueueClient
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from tests.bulk_support import write_images
 from tests.fault_stack import wait_until
 from tests.stack import BOXES_CONFIG, SAMPLES, batch_job, sample_images, spawn_worker, wait_ready
 
-OLD = ("The old model looked here.\n</think>\n\n```json\n"
+# the reasoning names the label: a box carries only the reasoning about its own label
+OLD = ("The old model looked at the {label} here.\n</think>\n\n```json\n"
        "[{{\"bbox_2d\": [10, 10, 200, 200], \"label\": \"{label}\"}}]\n```")
-NEW = ("The new model looked there.\n</think>\n\n```json\n"
+NEW = ("The new model looked at the {label} there.\n</think>\n\n```json\n"
        "[{{\"bbox_2d\": [300, 300, 600, 600], \"label\": \"{label}\"}}]\n```")
 
 
@@ -77,7 +78,7 @@ def test_which_version_new_work_goes_to(settings):
     assert "EGM-4B-aaaaaaaaaa, EGM-4B-bbbbbbbbbb" in str(pinned.value)
 
     # the new model's only worker goes (its record expires): back to the old one, and said so when none is left
-    queue.redis.delete(fleet.key("worker", "b1"))
+    queue.redis.delete(fleet.keys.fleet_worker("b1"))
     assert fleet.current_version() == "EGM-4B-aaaaaaaaaa"
     for name in ("a1", "a2", "loading"):
         fleet.remove(name)

@@ -149,7 +149,7 @@ def test_a_scripted_and_a_transformers_worker_never_share_cache_entries(settings
         first = batch_job(images, model_version=v_scripted)
         queue.enqueue(first)
         run_worker(settings, engine=scripted, burst=True)
-        cache_keys = set(queue.redis.scan_iter(queue.key("cache", "*")))
+        cache_keys = set(queue.redis.scan_iter(queue.keys.cache("*")))
         assert len(cache_keys) == len(images) and scripted.requests_seen == len(images)
 
         # the same images and prompts for the transformers worker: computed by its model, not answered from cache
@@ -162,7 +162,7 @@ def test_a_scripted_and_a_transformers_worker_never_share_cache_entries(settings
         assert not any(r.cached for r in result.results)
         scripted_texts = {c for r in queue.result(first.job_id).results for c in r.completions}
         assert not scripted_texts & {c for r in result.results for c in r.completions}
-        assert len(set(queue.redis.scan_iter(queue.key("cache", "*"))) - cache_keys) == len(images)
+        assert len(set(queue.redis.scan_iter(queue.keys.cache("*"))) - cache_keys) == len(images)
 
         # control: the scripted worker's own entries still answer its jobs
         third = batch_job(images, model_version=v_scripted)
@@ -246,11 +246,11 @@ def test_a_job_planned_for_another_version_is_never_computed_under_this_workers_
     engine = ScriptedEngine()
     stray = batch_job(sample_images()[:2], model_version="EGM-4B-0123456789")
     mine = version_of(engine, settings)
-    queue.queue(Priority.bulk, mine).enqueue_call("egm.worker.jobs.run_batch", args=(stray.model_dump(mode="json"),),
+    queue.queue(Priority.bulk, mine).enqueue_call("egm.worker.rq_entry.run_batch", args=(stray.model_dump(mode="json"),),
                                                   job_id=stray.job_id)
     run_worker(settings, engine=engine, burst=True)
     result = queue.result(stray.job_id)
-    assert engine.requests_seen == 0 and not list(queue.redis.scan_iter(queue.key("cache", "*")))
+    assert engine.requests_seen == 0 and not list(queue.redis.scan_iter(queue.keys.cache("*")))
     assert result.model_version == "EGM-4B-0123456789"
     assert all(r.status == "failed" and r.error_kind == "version" and mine in r.error and not r.ls_result
                for r in result.results)

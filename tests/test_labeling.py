@@ -1,4 +1,4 @@
-"""Labeling-config reading (egm/labeling.py) and the shipped templates."""
+"""Labeling-config reading (egm/labelstudio/config.py) and the shipped templates."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from egm.labeling import LabelingConfigError, clear_cache, extract_prompt, parse_labeling_config
+from egm.labelstudio.config import LabelingConfigError, clear_cache, extract_prompt, parse_labeling_config
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "config" / "labeling"
 
@@ -21,19 +21,44 @@ IMAGE_BOXES = _config('<Image name="img" value="$photo"/>'
                       '</RectangleLabels>')
 
 
-@pytest.mark.parametrize("name, prompt, reasoning", [
-    ("boxes.xml", None, None),
-    ("boxes_prompt.xml", "prompt", None),
-    ("boxes_reasoning.xml", "prompt", "reasoning"),
+@pytest.mark.parametrize("name, prompt, reasoning, image_reasoning", [
+    ("boxes.xml", None, None, None),
+    ("boxes_prompt.xml", "prompt", None, None),
+    ("boxes_reasoning.xml", "prompt", "reasoning", "image_reasoning"),
+    ("shapes.xml", None, "reasoning", "image_reasoning"),
 ])
-def test_templates_parse(name, prompt, reasoning):
+def test_templates_parse(name, prompt, reasoning, image_reasoning):
     config = parse_labeling_config((TEMPLATES / name).read_text())
     assert config.target.from_name == "label"
     assert config.target.to_name == "image"
-    assert config.image_value_key == "image" == config.target.image_key
+    assert config.target.image_key == "image"
     assert len(config.target.labels) >= 2
     assert config.prompt_from_name == prompt
     assert config.target.reasoning_from_name == reasoning
+    assert config.target.image_reasoning_from_name == image_reasoning
+
+
+def _label_colours(xml: str) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    return [label.get("background") or "" for label in ET.fromstring(xml).iter("Label")]
+
+
+def _generated_configs() -> dict[str, str]:
+    from egm.cli.commands.demo import DEMO_CONFIG
+    from tests.stack import BOXES_CONFIG
+
+    return {"demo": DEMO_CONFIG, "tests/stack.py": BOXES_CONFIG}
+
+
+@pytest.mark.parametrize("name", [*sorted(p.name for p in TEMPLATES.glob("*.xml")), "demo", "tests/stack.py"])
+def test_every_label_has_its_own_colour(name):
+    import re
+
+    xml = (TEMPLATES / name).read_text() if name.endswith(".xml") else _generated_configs()[name]
+    colours = _label_colours(xml)
+    assert colours and all(re.fullmatch(r"#[0-9a-fA-F]{6}", c) for c in colours), colours
+    assert len(set(c.lower() for c in colours)) == len(colours), f"{name}: two labels share a colour"
 
 
 def test_a_template_shows_predicted_values():
@@ -44,7 +69,7 @@ def test_a_template_shows_predicted_values():
 def test_names_keys_labels_and_aliases():
     config = parse_labeling_config(IMAGE_BOXES)
     target = config.target
-    assert (target.from_name, target.to_name, config.image_value_key) == ("box", "img", "photo")
+    assert (target.from_name, target.to_name, target.image_key) == ("box", "img", "photo")
     assert target.labels == ["Car", "Person"]
     assert target.aliases == {"car": "Car", "automobile": "Car", "person": "Person"}
     assert target.resolve_label("AUTOMOBILE ") == "Car"
@@ -82,7 +107,7 @@ def test_rectangle_labels_on_a_second_image_is_found():
     xml = _config('<Text name="t" value="$text"/><Image name="a" value="$first"/><Image name="b" value="$second"/>'
                   '<RectangleLabels name="r" toName="b"><Label value="A"/></RectangleLabels>')
     config = parse_labeling_config(xml)
-    assert (config.target.to_name, config.image_value_key) == ("b", "second")
+    assert (config.target.to_name, config.target.image_key) == ("b", "second")
 
 
 @pytest.mark.parametrize("xml, words", [

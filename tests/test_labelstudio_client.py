@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from egm.labeling import parse_labeling_config
-from egm.labelstudio import WEBHOOK_ACTIONS, KeyKind, LabelStudioClient, LabelStudioError, key_kind
+from egm.labelstudio.config import parse_labeling_config
+from egm.labelstudio import KeyKind, LabelStudioClient, LabelStudioError, key_kind
+from egm.labelstudio.client import WEBHOOK_ACTIONS
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "config" / "labeling"
 BOXES = (TEMPLATES / "boxes.xml").read_text()
@@ -130,6 +131,22 @@ def test_single_prediction_roundtrip(label_studio, client):
     assert [p.id for p in client.list_predictions(task_id=task)] == [created.id]
     client.delete_prediction(created.id)
     assert client.list_predictions(task_id=task) == []
+
+
+def test_project_version_prediction_by_id_and_annotation_are_client_methods(label_studio, client):
+    """The calls other modules made raw (PATCH model_version, GET one prediction, POST an annotation)."""
+    pid = label_studio.create_project(BOXES)
+    (task,) = label_studio.import_tasks(pid, [{"image": "http://images.invalid/one.jpg"}])
+    created = client.create_prediction(task, box("Dog", x=5), score=0.5, model_version="shown-1")
+    client.set_project_model_version(pid, "shown-1")  # Label Studio accepts versions it has predictions of
+    assert client.get_project(pid).model_version == "shown-1"
+    fetched = client.get_prediction(created.id)
+    assert (fetched.id, fetched.task, fetched.model_version, fetched.result) == (created.id, task, "shown-1",
+                                                                                 created.result)
+    client.create_annotation(task, box("Dog", x=6), lead_time_s=3.0, parent_prediction=created.id)
+    (exported,) = client.export_annotations(pid)
+    (annotation,) = exported.annotations
+    assert annotation.parent_prediction == created.id and annotation.lead_time == 3.0
 
 
 def test_iteration_with_a_no_predictions_filter_survives_concurrent_writes(label_studio, client):

@@ -98,7 +98,7 @@ def test_failed_jobs_expire_too(egm_env):
     s = Settings(**{**egm_env.model_dump(), "failure_ttl_s": 3, "job_retries": 0})
     queue = QueueClient(s)
     bulk = queue.queue(Priority.bulk, version_of(ScriptedEngine(), s))
-    job = bulk.enqueue_call("egm.worker.jobs.run_batch", args=({"not": "a batch job"},), failure_ttl=s.failure_ttl_s,
+    job = bulk.enqueue_call("egm.worker.rq_entry.run_batch", args=({"not": "a batch job"},), failure_ttl=s.failure_ttl_s,
                             result_ttl=s.result_ttl_s)
     run_worker(s, engine=ScriptedEngine(), burst=True)
     registry = FailedJobRegistry(queue=bulk)

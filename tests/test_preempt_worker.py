@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from egm.contract import Priority
 from egm.queue import QueueClient
-from egm.worker import jobs
+from egm.worker import rq_entry
 from egm.worker.batch_worker import run_worker
 from egm.worker.engines.base import DecodingConfig
 from egm.worker.engines.hf import HFEngine
@@ -96,7 +96,7 @@ def test_interactive_job_arriving_while_bulk_decodes_is_answered_first(settings,
     queue.enqueue(bulk)
     assert run_worker(settings, engine=engine, burst=True)
     assert engine.enqueued
-    rt = jobs.runtime()
+    rt = rq_entry.runtime()
     assert rt.preemptor is not None and rt.preemptor.taken == 1
     got_bulk, got_interactive = queue.result(bulk.job_id), queue.result(interactive.job_id)
     assert got_interactive.finished_at < got_bulk.finished_at  # answered inside the bulk batch
@@ -115,7 +115,7 @@ def test_interactive_job_arriving_while_bulk_decodes_is_answered_first(settings,
     queue.enqueue(bulk2)
     queue.enqueue(interactive2)
     assert run_worker(monkey_settings, engine=long_engine, burst=True)
-    assert jobs.runtime().preemptor is None
+    assert rq_entry.runtime().preemptor is None
     alone_bulk, alone_interactive = queue.result(bulk2.job_id), queue.result(interactive2.job_id)
     assert alone_interactive.finished_at < alone_bulk.finished_at  # interactive first: taken before the bulk job
     assert _answers(got_bulk) == _answers(alone_bulk)
@@ -128,7 +128,7 @@ def test_without_a_waiting_job_the_bulk_batch_only_peeks(settings):
     bulk = batch_job(sample_images()[:2])
     queue.enqueue(bulk)
     assert run_worker(settings, engine=ScriptedEngine(delay_s=0.3), burst=True)
-    rt = jobs.runtime()
+    rt = rq_entry.runtime()
     assert rt.preemptor is not None and rt.preemptor.taken == 0
     assert queue.result(bulk.job_id) is not None
 
@@ -141,13 +141,13 @@ def test_interactive_jobs_are_not_paused_for_and_a_bulk_only_worker_does_not_pre
     engine = ArrivesDuringDecoding(ScriptedEngine(delay_s=0.3), queue, second, arrive_at=1)
     queue.enqueue(first)
     assert run_worker(settings, engine=engine, burst=True)
-    assert engine.pause_calls == 0 and jobs.runtime().preemptor.taken == 0  # an interactive batch offers no pause
+    assert engine.pause_calls == 0 and rq_entry.runtime().preemptor.taken == 0  # an interactive batch offers no pause
     assert queue.result(first.job_id) is not None
 
     bulk = batch_job(images[:1])
     queue.enqueue(bulk)
     run_worker(settings, engine=ScriptedEngine(delay_s=0.3), burst=True, priorities=[Priority.bulk])
-    assert jobs.runtime().preemptor is None
+    assert rq_entry.runtime().preemptor is None
 
 
 def test_a_failing_interactive_job_fails_through_rq_and_the_bulk_batch_goes_on(settings, monkeypatch):
@@ -159,14 +159,14 @@ def test_a_failing_interactive_job_fails_through_rq_and_the_bulk_batch_goes_on(s
     settings = reload_settings()
     queue = QueueClient(settings)
     bulk, interactive = _jobs(settings, ScriptedEngine())
-    real = jobs.run_batch
+    real = rq_entry.run_batch
 
     def run_batch(payload):
         if payload["priority"] == "interactive":
             raise RuntimeError("interactive job broke")
         return real(payload)
 
-    monkeypatch.setattr(jobs, "run_batch", run_batch)
+    monkeypatch.setattr(rq_entry, "run_batch", run_batch)
     engine = ArrivesDuringDecoding(ScriptedEngine(delay_s=0.3), queue, interactive, arrive_at=1)
     queue.enqueue(bulk)
     assert run_worker(settings, engine=engine, burst=True)
@@ -248,11 +248,11 @@ def test_both_jobs_are_running_and_kept_alive_while_the_interactive_one_runs_in_
     queue = QueueClient(settings)
     bulk, interactive = _jobs(settings, ScriptedEngine())
     seen: dict = {}
-    real = jobs.run_batch
+    real = rq_entry.run_batch
 
     def run_batch(payload):
         if payload["priority"] == "interactive":
-            worker = jobs.runtime().preemptor.run_inline.__self__
+            worker = rq_entry.runtime().preemptor.run_inline.__self__
             seen["running"] = [j.id for j, _ in worker._running]
             registries = {p: StartedJobRegistry(queue=queue.queue(p, bulk.model_version))
                           for p in (Priority.bulk, Priority.interactive)}
@@ -265,7 +265,7 @@ def test_both_jobs_are_running_and_kept_alive_while_the_interactive_one_runs_in_
                                for p in registries}
         return real(payload)
 
-    monkeypatch.setattr(jobs, "run_batch", run_batch)
+    monkeypatch.setattr(rq_entry, "run_batch", run_batch)
     engine = ArrivesDuringDecoding(ScriptedEngine(delay_s=0.3), queue, interactive, arrive_at=1)
     queue.enqueue(bulk)
     assert run_worker(settings, engine=engine, burst=True)

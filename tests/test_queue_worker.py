@@ -124,7 +124,7 @@ def test_delivery_handshake_gives_the_result_to_exactly_one_side(settings):
     # /predict gives up before the worker ran: the worker must deliver, the backend must not
     assert queue.hand_off(job.job_id) is None
     run_worker(settings, engine=ScriptedEngine(), burst=True)
-    assert queue.redis.get(queue.key("deliver", job.job_id)) == b"worker"
+    assert queue.redis.get(queue.keys.deliver(job.job_id)) == b"worker"
     assert queue.claim_for_response(job.job_id) is None
     # a job that finished in time is claimed by the backend, and the worker stays out
     job2 = batch_job(sample_images()[:1], priority=Priority.interactive)
@@ -168,7 +168,7 @@ def test_recent_rate_counts_only_the_window(settings):
 
 
 def _run_three_jobs(settings) -> tuple[list, object]:
-    from egm.worker import jobs
+    from egm.worker import rq_entry
 
     queue = QueueClient(settings)
     images = sample_images()
@@ -176,7 +176,7 @@ def _run_three_jobs(settings) -> tuple[list, object]:
     for job in batch:
         queue.enqueue(job)
     assert run_worker(settings, engine=ScriptedEngine(), burst=True)
-    return [queue.result(j.job_id) for j in batch], jobs.runtime()
+    return [queue.result(j.job_id) for j in batch], rq_entry.runtime()
 
 
 def test_prefetched_images_give_the_same_results_as_loading_in_the_batch(settings, monkeypatch):

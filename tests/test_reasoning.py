@@ -74,3 +74,14 @@ def test_what_is_kept_is_whole_sentences_of_the_text_in_order(parts, label):
     for piece in pieces:  # every kept piece appears in the text, in order
         position = text.index(piece.rstrip("."), position)
     assert len(kept) <= len(text)
+
+
+def test_aliases_count_as_mentions_of_their_label():
+    text = "A red car is parked. A man waves. Its door is open."
+    labels = ["Person", "Vehicle"]
+    aliases = {"car": "Vehicle", "man": "Person", "person": "Person", "vehicle": "Vehicle"}
+    assert reasoning_for_label(text, "Vehicle", labels, aliases) == "A red car is parked."
+    assert reasoning_for_label(text, "Person", labels, aliases) == "A man waves. Its door is open."
+    assert reasoning_for_label(text, "Vehicle", labels) == ""  # without aliases "car" names no label
+    # an alias of a label outside the prompt's labels is no mention
+    assert reasoning_for_label(text, "Person", labels, {"car": "Truck"}) == ""

@@ -243,3 +243,24 @@ def test_score_is_bounded_and_own_truth_is_perfect(gt, text, size):
     value = compute_score(source, text, flat, info)
     assert 0.0 <= value <= 1.0 and not math.isnan(value)
     assert compute_score(source, answer(gt), flat, info) == pytest.approx(1.0)
+
+
+def test_multi_box_score_is_egm_geometry_matching_on_many_random_boxes():
+    """The stdlib copy scores several boxes exactly as egm.geometry would pair them (corners swapped,
+    boxes outside the grid, ties and non-overlapping pairs included)."""
+    import random
+
+    rng = random.Random(16)
+
+    def grid_box():
+        return [rng.randint(-50, 1050) for _ in range(4)]
+
+    for _ in range(500):
+        answers = [grid_box() for _ in range(rng.randint(1, 5))]
+        truth = [grid_box() for _ in range(rng.randint(1, 5))]
+        text = "a reasoning [1, 2]\n</think>\n" + ", ".join(str(a) for a in answers)
+        a = [Box(*[min(1000.0, max(0.0, float(v))) for v in b]).ordered() for b in answers]
+        t = [Box(*map(float, b)).ordered() for b in truth]
+        expected = sum(0.5 * (v >= 0.5) + 0.5 * v for _, _, v in greedy_match(a, t)) / max(len(a), len(t))
+        got = compute_score(MULTI_SOURCE, text, [v for b in truth for v in b], reward_type="mix")
+        assert got == pytest.approx(expected, abs=1e-12), (answers, truth)

@@ -133,7 +133,7 @@ def _run_through_worker(settings, tmp_path, images: list[str], **worker_env) -> 
             assert resp.status_code == 200
             queue = client.app.state.queue
             stored = {}
-            for key in queue.redis.scan_iter(queue.key("result", "*")):
+            for key in queue.redis.scan_iter(queue.keys.result("*")):
                 for r in BatchResult.model_validate_json(queue.redis.get(key)).results:
                     stored[r.task_id] = r
     finally:

@@ -8,7 +8,8 @@ from tests.image_server import ImageServer, Route
 from tests.images_factory import make_png
 from egm.images.errors import ImageLoadError
 from egm.images.sources import http_get_bytes
-from egm.images.url_guard import BlockedUrlError, UrlGuard, UrlResolveError, parse_legacy_ipv4, redact_url
+from egm.images.url_guard import BlockedUrlError, UrlGuard, UrlResolveError, parse_legacy_ipv4
+from egm.redaction import redact_url
 
 LS = "http://127.0.0.1:8080"
 PUBLIC = "93.184.216.34"

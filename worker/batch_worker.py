@@ -40,20 +40,21 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from egm.backoff import backoff_s
 from egm.config.settings import Settings
 from egm.contract import Priority
 from egm.fleet import Fleet
 from egm.identity import ModelIdentity
-from egm.logs import redact
+from egm.redaction import redact
 from egm.queue import QueueClient
 from egm.unserved import fail_unserved
-from egm.worker import jobs
+from egm.worker import rq_entry
 from egm.worker.cache import ResultCache
 from egm.worker.delivery import LabelStudioWriter
 from egm.worker.engines import Engine, EngineError, create_engine
 from egm.worker.identity import IdentityError, identify
 from egm.worker.outbox import BackgroundWriter, Outbox
-from egm.worker.pipeline import BatchProcessor
+from egm.worker.batch_processor import BatchProcessor
 from egm.worker.preempt import Preemptor
 from egm.worker.prefetch import Prefetcher
 from egm.worker.presence import Presence
@@ -142,7 +143,7 @@ class BatchWorker(SimpleWorker):
         super().run_maintenance_tasks()
         # Late results whose /predict caller vanished (see egm.queue): deliver them between jobs.
         try:
-            jobs.deliver_due()
+            rq_entry.runtime().delivery.deliver_due()
         except Exception:  # Redis or Label Studio hiccup: the entries wait for the next round
             log.warning("late delivery sweep failed", exc_info=True)
         if self.sweep is not None:
@@ -188,17 +189,18 @@ def make_label_studio_client(settings: Settings):
 
 
 def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker_name: str,
-                  identity: ModelIdentity, order: list[Priority] | None = None) -> jobs.Runtime:
+                  identity: ModelIdentity, order: list[Priority] | None = None) -> rq_entry.Runtime:
     ls_client = make_label_studio_client(settings)
     cache = ResultCache(queue.redis, settings.queue_prefix, settings.cache_ttl_s)
     processor = BatchProcessor(engine, settings, cache=cache, ls_client=ls_client, worker_name=worker_name,
                                model_version=identity.model_version)
     writer = LabelStudioWriter(ls_client, queue.redis, settings.queue_prefix)
-    from egm.worker.progress import record_batch
+    from egm.worker.after_batch import record_batch
 
-    rt = jobs.Runtime(processor=processor, queue=queue, writer=writer,
-                      on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats,
-                                                                             ls_client))
+    auth_pass = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None
+    rt = rq_entry.Runtime(processor=processor, queue=queue, writer=writer,
+                          on_batch_done=lambda job, result, stats: record_batch(queue, job, result, stats,
+                                                                                ls_client, auth_pass))
     if settings.prefetch:
         rt.prefetcher = Prefetcher(queue, processor.load_images, worker_name, order,
                                    model_version=identity.model_version)
@@ -208,7 +210,7 @@ def build_runtime(settings: Settings, engine: Engine, queue: QueueClient, worker
                                  prefetcher=rt.prefetcher)
     if settings.write_behind:
         outbox = Outbox(queue.redis, settings.queue_prefix, settings.outbox_lease_s)
-        rt.outbox = BackgroundWriter(outbox, lambda entry: jobs.write_entry(entry, rt),
+        rt.outbox = BackgroundWriter(outbox, lambda entry: rq_entry.write_entry(entry, rt),
                                      max_pending=settings.outbox_max_pending)
     return rt
 
@@ -260,7 +262,7 @@ def run_worker(settings: Settings, *, engine: Engine | None = None, burst: bool 
         presence.stop()
 
 
-def _stop_helpers(rt: jobs.Runtime | None, settings: Settings) -> None:
+def _stop_helpers(rt: rq_entry.Runtime | None, settings: Settings) -> None:
     """Finish this worker's queued writes (they would wait for another worker otherwise), then stop."""
     if rt is None:
         return
@@ -273,10 +275,10 @@ def _stop_helpers(rt: jobs.Runtime | None, settings: Settings) -> None:
 
 
 def _start_serving(settings: Settings, queue: QueueClient, engine: Engine, identity: ModelIdentity,
-                   presence: Presence, name: str, order: list[Priority]) -> jobs.Runtime:
+                   presence: Presence, name: str, order: list[Priority]) -> rq_entry.Runtime:
     """Install the runtime for this identity (prefetching from its queues) and say the worker is ready."""
     rt = build_runtime(settings, engine, queue, name, identity, order)
-    jobs.install(rt)
+    rq_entry.install(rt)
     if rt.outbox is not None:
         rt.outbox.start()
     presence.ready(identity)
@@ -353,15 +355,15 @@ def _wait_for_redis(connection: redis.Redis, max_delay_s: float = 10.0) -> bool:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        delay = 0.5
-        while not stop.wait(delay):
+        waits = 1
+        while not stop.wait(backoff_s(waits, 0.5, max_delay_s)):
             try:
                 if connection.ping():
                     log.info("Redis is back; resuming")
                     return True
             except redis.RedisError:
                 pass
-            delay = min(delay * 2, max_delay_s)
+            waits += 1
         return False
     finally:
         for sig, handler in previous.items():

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from egm.contract import redis_key
+from egm.keys import Keys
 
 
 @dataclass
@@ -36,7 +36,7 @@ class ResultCache:
 
     def key(self, image_sha256: str, prompt: str, model_version: str) -> str:
         h = hashlib.sha256(f"{image_sha256}\0{prompt}\0{model_version}".encode()).hexdigest()
-        return redis_key(self.prefix, "cache", h)
+        return Keys(self.prefix).cache(h)
 
     def get_many(self, keys: list[str]) -> list[CachedOutput | None]:
         if not self.enabled or not keys:

@@ -27,7 +27,7 @@ def decoding_setup(engine: Engine, settings: Settings) -> dict:
     d = engine.decoding
     samples = settings.uncertainty_samples if settings.uncertainty in ("samples", "both") else 1
     return {"max_new_tokens": d.max_new_tokens, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
-            "num_samples": d.num_samples, "max_pixels": engine.max_pixels, "min_pixels": engine.min_pixels,
+            "max_pixels": engine.max_pixels, "min_pixels": engine.min_pixels,
             "uncertainty": settings.uncertainty, "uncertainty_samples": max(1, samples)}
 
 

@@ -32,7 +32,8 @@ from typing import Callable, Iterator
 
 import redis
 
-from egm.contract import BatchJob, BatchResult, redis_key
+from egm.contract import BatchJob, BatchResult
+from egm.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,15 @@ class Outbox:
         self.redis = connection
         self.prefix = prefix
         self.lease_s = lease_s
-        self._zset = redis_key(prefix, "outbox")
-        self._leases = redis_key(prefix, "outbox-lease")
+        self.keys = Keys(prefix)
+        self._zset = self.keys.outbox()
+        self._leases = self.keys.outbox_lease()
         self._lease = connection.register_script(_LEASE_LUA)
         self._renew = connection.register_script(_RENEW_LUA)
         self._done = connection.register_script(_DONE_LUA)
 
     def _entry_key(self, job_id: str) -> str:
-        return redis_key(self.prefix, "outbox", job_id)
+        return self.keys.outbox_entry(job_id)
 
     def file(self, job: BatchJob, result: BatchResult, stats: dict) -> None:
         """Durably queue the write of ``result`` (one transaction: entry and schedule together)."""

@@ -11,7 +11,7 @@ every ``EGM_PREEMPT_CHECK_S`` it looks at the head of the worker's own interacti
   prefetcher, or when another worker claimed its prefetch);
 * it is popped from the queue as RQ's own dequeue pops it and run by the worker through RQ
   (:meth:`egm.worker.batch_worker.BatchWorker.run_inline`): started registry, heartbeats, the job
-  function (:func:`egm.worker.jobs.run_batch`), finished/failed registries, retries. Its result
+  function (:func:`egm.worker.rq_entry.run_batch`), finished/failed registries, retries. Its result
   reaches ``/predict`` or Label Studio by the same exactly-once path as any job's;
 * the engine runs it to completion inside the pause (one level deep: the interactive batch does
   not pause again), then the bulk batch goes on where it stopped, its answers unchanged.

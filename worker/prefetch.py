@@ -134,7 +134,7 @@ class Prefetcher:
                 continue
             if job_id == pending:
                 return None  # already prefetched and still waiting for RQ to hand it out
-            key = self.queue.key("prefetch", job_id)
+            key = self.queue.keys.prefetch(job_id)
             if not self.queue.redis.set(key, self.worker_name, nx=True, ex=CLAIM_TTL_S):
                 continue  # another worker is on it
             try:

@@ -7,7 +7,7 @@ box, delete predicted boxes that match nothing, draw the missing ones, and submi
 result is posted with ``parent_prediction`` set, so the export measures the corrections
 against that prediction (accepted / moved / relabeled / deleted / added).
 
-Boxes go through :mod:`egm.geometry` and :func:`egm.ls_results.rectangle_item`, as the
+Boxes go through :mod:`egm.geometry` and :func:`egm.labelstudio.results.rectangle_item`, as the
 workers write them; nothing here does coordinate arithmetic of its own.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from egm.contract import BoxResult, LabelTarget
 from egm.geometry import Box, grid_to_pixels, greedy_match, percent_from_value, percent_to_grid
-from egm.ls_results import rectangle_item, region_id
+from egm.labelstudio.results import rectangle_item, region_id
 from egm.scenes import Scene
 
 #: a predicted box this close to a true box of its label is edited (kept region), not redrawn.

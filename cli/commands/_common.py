@@ -1,20 +1,17 @@
-"""Helpers shared by subcommands: environment overrides from flags, logging setup."""
+"""Helpers shared by subcommands: settings from the environment and the flags, logging setup."""
 
 from __future__ import annotations
 
-import os
-
-from egm.config.settings import Settings, reload_settings
+from egm.config.settings import Settings, reload_settings, use_settings
 from egm.logs import configure_logging
 
 
 def settings_from_flags(*, service: bool = False, **env: object) -> Settings:
-    """Flags win over the environment: write them as variables, then read the settings once. ``service``:
-    a long-running service (serve, worker) logs JSON lines unless EGM_LOG_FORMAT says otherwise."""
-    for name, value in env.items():
-        if value is not None:
-            os.environ[name] = str(value)
-    settings = reload_settings()
+    """Flags win over the environment: one ``Settings`` with the flags as overrides (named as the
+    variables they replace), installed for this process; ``os.environ`` is left as it is, and the
+    processes a command starts get ``settings.environment()``. ``service``: a long-running service
+    (serve, worker) logs JSON lines unless EGM_LOG_FORMAT says otherwise."""
+    settings = use_settings(reload_settings().with_overrides(**env))
     configure_logging(settings, service=service)
     return settings
 
@@ -22,7 +19,7 @@ def settings_from_flags(*, service: bool = False, **env: object) -> Settings:
 def open_runs(**env: object):
     """Settings, a queue client and the run store, for the commands that inspect bulk runs."""
     from egm.queue import QueueClient
-    from egm.runs import RunStore
+    from egm.bulk.run_store import RunStore
 
     settings = settings_from_flags(**env)
     queue = QueueClient(settings)

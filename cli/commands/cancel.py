@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 @service_errors
 def run_command(args) -> int:
-    from egm.bulk.jobs import cancel_run
+    from egm.bulk.rq_jobs import cancel_run
 
     _, queue, runs = open_runs()
     if runs.progress(args.run) is None:

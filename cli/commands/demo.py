@@ -26,8 +26,9 @@ import httpx
 import egm
 from egm import processes
 from egm.cli.errors import EXIT_USAGE, fail
+from egm.config.settings import Settings, get_settings
 from egm.fleet import FleetError
-from egm.logs import redact
+from egm.redaction import redact
 
 SAMPLES = Path(egm.__file__).resolve().parent / "samples"
 #: the shapes model of the closed loop (bench/loop.py ship), with the settings it was trained for
@@ -35,11 +36,12 @@ SHAPES_MODEL = SAMPLES / "model"
 DEMO_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image">
-    <Label value="circle" background="red"/>
-    <Label value="square" background="blue"/>
-    <Label value="triangle" background="green"/>
+    <Label value="circle" background="#e6194b"/>
+    <Label value="square" background="#4363d8"/>
+    <Label value="triangle" background="#3cb44b"/>
   </RectangleLabels>
   <TextArea name="reasoning" toName="image" perRegion="true" editable="true" displayMode="region-list"/>
+  <TextArea name="image_reasoning" toName="image" editable="true" rows="3" maxSubmissions="1"/>
 </View>"""
 TINY_WARNING = """
   NOTE: no EGM weights configured (MODEL_DIR unset), so this demo ran a tiny random-weight
@@ -76,11 +78,11 @@ def _images(folder: Path) -> list[Path]:
     return found
 
 
-def _tiny_model_dir() -> Path:
+def _tiny_model_dir(settings: Settings) -> Path:
     from egm.cli.commands._common import step_printer
     from egm.worker.tiny_model import ensure_tiny_checkpoint, tiny_checkpoint_cached
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "egm-assist"
+    cache = Path(settings.state_dir).expanduser()
     if tiny_checkpoint_cached(cache):
         print(f"using the tiny model in {cache}", flush=True)
         return ensure_tiny_checkpoint(cache)
@@ -112,7 +114,6 @@ def label_studio_hint(out_dir: Path, root: Path, folder: Path) -> str:
 def _wait_for_worker(env: dict[str, str], name: str, proc, log_path: Path) -> str:
     """The model_version our worker serves once it is ready; raises with its reason when it dies first."""
     from egm.cli.drive import check_alive
-    from egm.config.settings import Settings
     from egm.fleet import Fleet
     from egm.queue import connect
 
@@ -174,25 +175,26 @@ def run(args) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="egm-demo-"))
     env = {"EGM_LOCAL_FILES_ROOT": str(root), "EGM_QUEUE_PREFIX": f"demo{os.getpid()}",
            "EGM_LOG_FORMAT": "json", "EGM_PREDICT_BUDGET_S": str(args.timeout), "EGM_BATCH_SIZE": "4"}
-    engine = args.engine or os.environ.get("EGM_ENGINE", "hf")
+    settings = get_settings()  # the environment; what the demo changes goes to its processes only
+    engine = args.engine or settings.engine
     env["EGM_ENGINE"] = engine
-    tiny = engine == "hf" and not os.environ.get("MODEL_DIR")
+    tiny = engine == "hf" and not settings.model_dir
     if tiny and (SHAPES_MODEL / "egm_model.json").is_file():
         tiny = False
         meta = json.loads((SHAPES_MODEL / "egm_model.json").read_text())
         print(f"using the bundled shapes model ({meta.get('about', SHAPES_MODEL)})", flush=True)
         env["MODEL_DIR"] = str(SHAPES_MODEL)
-        env.update({k: str(v) for k, v in meta.get("settings", {}).items() if k not in os.environ})
-        env.setdefault("EGM_DEVICE", os.environ.get("EGM_DEVICE", "cpu"))
+        env.update({k: str(v) for k, v in meta.get("settings", {}).items() if not settings.is_set(k)})
+        env.setdefault("EGM_DEVICE", settings.device if settings.is_set("EGM_DEVICE") else "cpu")
     elif tiny:
-        env["MODEL_DIR"] = str(_tiny_model_dir())
-        env["EGM_MAX_NEW_TOKENS"] = os.environ.get("EGM_MAX_NEW_TOKENS", "128")
-        env["EGM_DEVICE"] = os.environ.get("EGM_DEVICE", "cpu")
+        env["MODEL_DIR"] = str(_tiny_model_dir(settings))
+        env["EGM_MAX_NEW_TOKENS"] = str(settings.max_new_tokens) if settings.is_set("EGM_MAX_NEW_TOKENS") else "128"
+        env["EGM_DEVICE"] = settings.device if settings.is_set("EGM_DEVICE") else "cpu"
 
     procs = []
     try:
-        if os.environ.get("REDIS_URL"):
-            env["REDIS_URL"] = os.environ["REDIS_URL"]
+        if settings.is_set("REDIS_URL"):
+            env["REDIS_URL"] = settings.redis_url
             if not processes.redis_reachable(env["REDIS_URL"]):
                 return fail(f"cannot reach Redis at {redact(env['REDIS_URL'])}; start it, or unset REDIS_URL "
                             f"and the demo starts its own")

@@ -52,7 +52,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     settings = settings_from_flags(LABEL_STUDIO_URL=args.ls_url, LABEL_STUDIO_API_KEY=args.ls_key)
-    from egm.export.pipeline import ExportError, ExportOptions, run_export
+    from egm.export.exporter import ExportError, ExportOptions, run_export
     from egm.labelstudio import LabelStudioClient, LabelStudioError
 
     if not 0.0 <= args.val_fraction < 1.0:

@@ -85,6 +85,5 @@ def _version(client, args, live: str | None) -> str:
             raise ValueError(f"the project shows model version {selected!r}, but {whose} {wanted!r}; add "
                              f"--set-project-version to switch it (scores are computed for that version only; "
                              f"'egm-assist prelabel --project {args.project}' predicts the tasks with it)")
-        client.request_json("PATCH", f"/api/projects/{int(args.project)}/", json={"model_version": wanted},
-                            idempotent=True)
+        client.set_project_model_version(int(args.project), wanted)
     return wanted

@@ -8,6 +8,7 @@ import time
 
 from egm.cli.errors import EXIT_USAGE, fail, service_errors
 from egm.cli.commands._common import open_runs
+from egm.bulk.run_store import RunState
 
 
 def register(sub) -> None:
@@ -161,7 +162,7 @@ def _watch(runs, run_id: str):
         while True:
             progress = runs.progress(run_id)
             printer.update(progress)
-            if progress.state in ("done", "cancelled") or (progress.remaining == 0 and not progress.retrying):
+            if progress.state in (RunState.done, RunState.cancelled) or (progress.remaining == 0 and not progress.retrying):
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -4,7 +4,7 @@
 * :mod:`egm.bulk.sources` - tasks of a Label Studio project or view, a folder, a manifest.
 * :mod:`egm.bulk.planner` - enqueue what still needs a prediction, never twice.
 * :mod:`egm.bulk.retries` - transient task failures come back later, with backoff.
-* :mod:`egm.bulk.jobs` - which RQ jobs are alive; jobs RQ gave up on; cancelling.
+* :mod:`egm.bulk.rq_jobs` - which RQ jobs are alive; jobs RQ gave up on; cancelling.
 * :mod:`egm.bulk.outputs` - local results, Label Studio import JSON, COCO.
 * :mod:`egm.bulk.progress` - the live progress line.
 * :mod:`egm.bulk.runner` - one ``prelabel`` invocation start to finish.

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import logging
 
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 
 log = logging.getLogger(__name__)
 
 
-def show_version_in_project(client, project_id: int, model_version: str) -> bool:
-    """Make the project show (and score) ``model_version``'s predictions; True when it changed."""
-    project = client.get_project(project_id)
-    if project.model_version == model_version:
-        return False
-    client.set_project_model_version(project_id, model_version)
-    return True
+def show_version_in_project(client, project_id: int, model_version: str, basic_auth_pass: str | None = None) -> bool:
+    """Make the project show (and score, and keep predicting with) ``model_version``; True when it changed.
+    ``LabelStudioClient.show_model_version`` does it (it also renames the connected ML backend)."""
+    from egm.labelstudio import VersionShown
+
+    return client.show_model_version(project_id, model_version, basic_auth_pass=basic_auth_pass) is VersionShown.changed
 
 
-def finish_if_done(runs: RunStore, run_id: str | None, client=None) -> bool:
+def finish_if_done(runs: RunStore, run_id: str | None, client=None, basic_auth_pass: str | None = None) -> bool:
     """Complete the run if its every task is resolved; True when this call completed it.
 
     ``client`` (a ``LabelStudioClient``) switches the project's model version, best effort:
@@ -42,7 +41,7 @@ def finish_if_done(runs: RunStore, run_id: str | None, client=None) -> bool:
             or progress.done + progress.skipped == 0 or not runs.switches_project_version(run_id)):
         return True
     try:
-        if show_version_in_project(client, int(project_id), progress.model_version):
+        if show_version_in_project(client, int(project_id), progress.model_version, basic_auth_pass):
             log.info("project shows the run's model version", extra={"run_id": run_id, "project": project_id,
                                                                      "model_version": progress.model_version})
     except Exception as exc:  # noqa: BLE001 - a convenience after the fact; never fail the batch for it

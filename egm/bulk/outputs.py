@@ -6,8 +6,9 @@ done, so the outputs survive Redis result expiry and CLI crashes. From it:
 
 * ``label_studio_import.json`` - Label Studio tasks with ``predictions`` (import it
   into a project whose labeling config uses the same control names);
-* ``coco.json`` - COCO detection results, boxes ``[x, y, w, h]`` in pixels of the
-  upright (EXIF-applied) image, which is what EGM's 0-1000 grid refers to.
+* ``coco.json`` - COCO detection results (written by :mod:`egm.coco`, with scores), boxes
+  ``[x, y, w, h]`` in pixels of the upright (EXIF-applied) image, which is what EGM's 0-1000
+  grid refers to.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from egm import coco
 from egm.bulk.sources import is_url
+from egm.coco import CocoImage, CocoObject
 from egm.contract import LabelTarget, TaskResult
 from egm.geometry import Box
-from egm.runs import task_key
+from egm.bulk.run_store import task_key
 
 RESULTS_FILE = "results.jsonl"
 LS_IMPORT_FILE = "label_studio_import.json"
@@ -81,27 +84,13 @@ def write_label_studio_import(path: Path, results: list[TaskResult], images: dic
     return len(tasks)
 
 
-def coco_document(results: list[TaskResult], images: dict[str, str], labels: list[str]) -> dict:
-    categories = {label: i + 1 for i, label in enumerate(labels)}
-    doc: dict = {"info": {"description": "egm-assist pre-annotations"},
-                 "categories": [{"id": i, "name": name} for name, i in categories.items()],
-                 "images": [], "annotations": []}
-    for image_id, r in enumerate(results, start=1):
-        doc["images"].append({"id": image_id, "file_name": images.get(task_key(r.task_id, r.ref), r.ref),
-                              "width": r.width, "height": r.height})
-        for box in r.boxes:
-            if box.label not in categories:  # a label outside the list: give it a category rather than drop it
-                categories[box.label] = len(categories) + 1
-                doc["categories"].append({"id": categories[box.label], "name": box.label})
-            px = Box.from_list(box.pixels)
-            doc["annotations"].append({
-                "id": len(doc["annotations"]) + 1, "image_id": image_id, "category_id": categories[box.label],
-                "bbox": [round(px.x1, 2), round(px.y1, 2), round(px.width, 2), round(px.height, 2)],
-                "area": round(px.area, 2), "iscrowd": 0, "score": box.score})
-    return doc
+def coco_images(results: list[TaskResult], images: dict[str, str]) -> list[CocoImage]:
+    """One COCO image per result (ids from 1), its boxes in the upright pixels the worker computed."""
+    return [CocoImage(id=n, file_name=images.get(task_key(r.task_id, r.ref), r.ref), width=r.width, height=r.height,
+                      objects=[CocoObject(b.label, Box.from_list(b.pixels), b.score) for b in r.boxes])
+            for n, r in enumerate(results, start=1)]
 
 
 def write_coco(path: Path, results: list[TaskResult], images: dict[str, str], labels: list[str]) -> int:
-    doc = coco_document(results, images, labels)
-    _write_json(path, doc)
+    doc = coco.write_coco(path, coco_images(results, images), labels, "egm-assist pre-annotations")
     return len(doc["annotations"])

@@ -24,13 +24,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from egm.bulk.jobs import alive_jobs, free_job_id
+from egm.bulk.rq_jobs import alive_jobs, free_job_id
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask
 from egm.bulk.spec import RunSpec, batch_job_id
-from egm.contract import BatchJob, Priority, TaskJob, written_key
+from egm.contract import BatchJob, ErrorKind, Priority, TaskJob
 from egm.queue import QueueClient
-from egm.runs import RunStore, task_key
+from egm.bulk.run_store import RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,11 @@ class PlanReport:
 
 class Planner:
     def __init__(self, queue: QueueClient, spec: RunSpec, *, flush_jobs: int = 50,
-                 on_flush: Callable[[PlanReport], None] | None = None) -> None:
+                 on_flush: Callable[[PlanReport], None] | None = None,
+                 has_prediction: Callable[[int], bool] | None = None) -> None:
         self.queue = queue
+        #: asks Label Studio now whether a task has a prediction of the run's version (see _flush)
+        self.has_prediction = has_prediction
         self.spec = spec
         self.runs = RunStore(queue.redis, queue.prefix)
         self.retries = RetryScheduler(queue)
@@ -108,10 +111,10 @@ class Planner:
             elif task.problem:
                 report.rejected += 1
                 rejected.append({"task_id": task.task_id, "ref": task.ref, "image": task.image or None,
-                                 "kind": "request", "error": task.problem})
+                                 "kind": ErrorKind.request, "error": task.problem})
             elif key in flying:
                 report.in_flight += 1
-            elif statuses.get(key) == "failed" and not retry_failed:
+            elif statuses.get(key) == TaskStatus.failed and not retry_failed:
                 report.failed_kept += 1
             else:
                 pending.append(task)
@@ -150,7 +153,7 @@ class Planner:
         self.runs.record_failure(run_id, rejected)
         if batches:
             if self.spec.kind == "label_studio":
-                self._release_stale_claims(batches)
+                batches = self._release_stale_claims(report, batches)
             for job in batches:  # assignments first: a crash in between never leaves a job unaccounted
                 self.runs.assign(run_id, job)
                 self.runs.mark_queued(run_id, [task_key(t.task_id, t.ref) for t in job.tasks])
@@ -165,14 +168,34 @@ class Planner:
             self.on_flush(report)
         return True
 
-    def _release_stale_claims(self, batches: list[BatchJob]) -> None:
-        """A task we enqueue has no prediction of this version in Label Studio and no live job, so a
-        ``done`` write claim for it is stale (the prediction was deleted): drop it, or the worker
-        would skip the write and the task would stay without a prediction."""
-        keys = [written_key(self.queue.prefix, self.spec.model_version, t.task_id)
-                for j in batches for t in j.tasks if t.task_id is not None]
+    def _release_stale_claims(self, report: PlanReport, batches: list[BatchJob]) -> list[BatchJob]:
+        """A task we enqueue had no prediction of this version when the source was listed and has no
+        live job, so a ``done`` write claim for it is stale (the prediction was deleted): drop it, or
+        the worker would skip the write and the task would stay without a prediction.
+
+        But a job that RQ already counted done may still sit in a worker's outbox, and its writer
+        may have written the prediction (and set the claim) after the listing. Releasing that claim
+        would write the task twice, so each ``done`` claim is checked against Label Studio now: a
+        task that has its prediction is skipped and keeps its claim. Returns the batches left."""
+        tasks = [t for j in batches for t in j.tasks if t.task_id is not None]
+        keys = [self.queue.keys.written(self.spec.model_version, t.task_id) for t in tasks]
         values = self.queue.redis.mget(keys) if keys else []
-        stale = [k for k, v in zip(keys, values) if v == b"done"]
+        claimed = {t.task_id: k for t, k, v in zip(tasks, keys, values) if v == b"done"}
+        if not claimed:
+            return batches
+        written = {tid for tid in claimed if self.has_prediction is not None and self.has_prediction(tid)}
+        stale = [k for tid, k in claimed.items() if tid not in written]
         if stale:
             self.queue.redis.delete(*stale)
             log.info("released write claims of deleted predictions", extra={"count": len(stale)})
+        if not written:
+            return batches
+        log.info("skipped tasks written since the listing", extra={"count": len(written)})
+        self.runs.mark_skipped(self.spec.run_id, [task_key(tid, None) for tid in written])
+        report.skipped += len(written)
+        kept = []
+        for job in batches:
+            job.tasks = [t for t in job.tasks if t.task_id not in written]
+            if job.tasks:
+                kept.append(job)
+        return kept

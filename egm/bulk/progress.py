@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TextIO
 
-from egm.runs import RunProgress
+from egm.bulk.run_store import RunProgress, RunState
 
 
 def format_duration(seconds: float | None) -> str:
@@ -35,7 +35,7 @@ def render(p: RunProgress, width: int = 24) -> str:
         parts.append(f"cached {p.cached}")
     if p.skipped:
         parts.append(f"skipped {p.skipped}")
-    if p.state not in ("running", "done"):
+    if p.state not in (RunState.running, RunState.done):
         parts.append(p.state.upper())
     return "  ".join(parts)
 

@@ -1,8 +1,9 @@
 """Transient task failures of bulk runs come back later, with exponential backoff.
 
-A task that failed for a reason that may pass (an image download error, an engine
-error for that request, Label Studio unavailable for longer than the worker waits) is put into a new batch due ``backoff * 2**(attempt-1)``
-seconds later, up to ``EGM_TASK_RETRIES`` times; then it lands in the run's failed
+A task that failed for a reason that may pass (a transient :class:`egm.contract.ErrorKind`:
+an image download error, an engine error for that request, Label Studio unavailable for
+longer than the worker waits) is put into a new batch due ``backoff * 2**(attempt-1)``
+seconds later (:mod:`egm.backoff`), up to ``EGM_TASK_RETRIES`` times; then it lands in the run's failed
 list with its reason. Permanent failures (undecodable or blocked image, no
 parseable box) fail at once.
 
@@ -19,28 +20,20 @@ import logging
 import time
 import uuid
 
+from egm.backoff import backoff_s
 from egm.config.settings import Settings
-from egm.contract import LS_UNAVAILABLE, BatchJob, BatchResult, TaskResult, redis_key
+from egm.contract import BatchJob, BatchResult, TaskResult, is_transient as kind_is_transient
 from egm.queue import QueueClient
-from egm.runs import RUN_TTL_S, RunStore, task_key
+from egm.bulk.run_store import RUN_TTL_S, RunStore, task_key
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_KINDS = frozenset({"image:fetch", "engine", LS_UNAVAILABLE})
 MAX_BACKOFF_S = 300.0
 
 
 def is_transient(result: TaskResult) -> bool:
-    if result.status == "ok":
-        return False
-    kind = result.error_kind or ""
-    # Label Studio down longer than the worker waits (worker.jobs) is transient: the prediction can be
-    # written later. A prediction Label Studio *refused* (LS_REFUSED: the task was deleted) stays failed.
-    return kind in TRANSIENT_KINDS
-
-
-def backoff_s(base_s: float, attempt: int) -> float:
-    return min(MAX_BACKOFF_S, base_s * (2 ** max(0, attempt - 1)))
+    """A failed task whose kind may pass (egm.contract.ErrorKind.is_transient)."""
+    return result.status != "ok" and kind_is_transient(result.error_kind)
 
 
 class RetryScheduler:
@@ -48,7 +41,7 @@ class RetryScheduler:
         self.queue = queue
         self.settings = settings or queue.settings
         self.runs = RunStore(queue.redis, queue.prefix)
-        self.key = redis_key(queue.prefix, "retries")
+        self.key = queue.keys.retries()
 
     def schedule(self, job: BatchJob, result: BatchResult) -> set[str]:
         """Schedule the batch's transient failures that have tries left; returns their task keys."""
@@ -72,7 +65,7 @@ class RetryScheduler:
         retry = job.model_copy(update={
             "job_id": f"{job.run_id}-retry-{uuid.uuid4().hex[:12]}",
             "tasks": [by_key[k] for k in again], "created_at": time.time()})
-        due = time.time() + backoff_s(self.settings.task_retry_backoff_s, attempt)
+        due = time.time() + backoff_s(attempt, self.settings.task_retry_backoff_s, MAX_BACKOFF_S)
         self.queue.redis.zadd(self.key, {retry.model_dump_json(): due})
         log.info("tasks scheduled for retry", extra={"run_id": job.run_id, "tasks": len(again),
                                                      "attempt": attempt, "due_in_s": round(due - time.time(), 1)})

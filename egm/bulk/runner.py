@@ -19,19 +19,19 @@ from typing import Callable, Iterable
 import redis
 
 from egm.config.settings import Settings
-from egm.bulk.completion import finish_if_done, show_version_in_project
-from egm.bulk.jobs import alive_jobs, fail_abandoned
+from egm.bulk.completion import finish_if_done
+from egm.bulk.rq_jobs import alive_jobs, fail_abandoned
 from egm.bulk.outputs import COCO_FILE, LS_IMPORT_FILE, ResultLog, write_coco, write_label_studio_import
 from egm.bulk.planner import PlanReport, Planner
 from egm.bulk.progress import ProgressPrinter
 from egm.bulk.retries import RetryScheduler
 from egm.bulk.sources import SourceTask, folder_tasks, label_studio_tasks, manifest_tasks
 from egm.bulk.spec import RunSpec, label_studio_run_id, local_run_id
-from egm.contract import BatchResult, LabelTarget
+from egm.contract import LabelTarget
 from egm.prompts import load_templates
 from egm.queries import build_queries
 from egm.queue import QueueClient
-from egm.runs import RunProgress, RunStore, task_key
+from egm.bulk.run_store import RunProgress, RunState, RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ STALL_REPLAN_S = 30.0
 
 def label_studio_spec(settings: Settings, client, project_id: int, model_version: str, *,
                       view_id: int | None = None, filters: dict | None = None) -> RunSpec:
-    from egm.labeling import parse_labeling_config
+    from egm.labelstudio.config import parse_labeling_config
 
     project = client.get_project(project_id)
     config = parse_labeling_config(project.label_config)
-    target = config.target.model_copy(update={"image_key": config.image_value_key})
+    target = config.target
     queries = build_queries(target, load_templates(settings), settings.prompt_mode)
     run_id = label_studio_run_id(client.url, project_id, view_id, filters, model_version)
     return RunSpec(run_id=run_id, kind="label_studio", model_version=model_version, target=target,
@@ -61,10 +61,10 @@ def label_studio_spec(settings: Settings, client, project_id: int, model_version
 def local_target(labels: list[str], label_config: str | None = None) -> LabelTarget:
     """Where boxes go in the import file: from a labeling config, else the names of config/labeling/*.xml."""
     if label_config:
-        from egm.labeling import parse_labeling_config
+        from egm.labelstudio.config import parse_labeling_config
 
         config = parse_labeling_config(label_config)
-        return config.target.model_copy(update={"image_key": config.image_value_key})
+        return config.target
     if not labels:
         raise ValueError("give the labels to find (--labels cat,dog) or a labeling config (--label-config)")
     return LabelTarget(from_name="label", to_name="image", labels=labels,
@@ -123,20 +123,12 @@ class LocalCollector:
 
     def collect_jobs(self, job_ids: list[str]) -> int:
         added = 0
-        for result in self._results(list(dict.fromkeys(job_ids))):
+        # expired results are skipped: their tasks get re-planned, and the cache answers them
+        for result in self.queue.results(list(dict.fromkeys(job_ids))):
             fresh = [r for r in result.results if r.status == "ok" and self._key(r) not in self.done]
             added += self.log.append(fresh)
             self.done.update(self._key(r) for r in fresh)
         return added
-
-    def _results(self, job_ids: list[str], chunk: int = 200):
-        """Stored batch results, many per round trip; expired ones are skipped (their tasks get
-        re-planned, and the cache answers them)."""
-        for start in range(0, len(job_ids), chunk):
-            keys = [self.queue.key("result", j) for j in job_ids[start:start + chunk]]
-            for raw in self.queue.redis.mget(keys):
-                if raw:
-                    yield BatchResult.model_validate_json(raw)
 
     @staticmethod
     def _key(result) -> str:
@@ -182,9 +174,14 @@ class BulkRun:
         if self.collector is not None:
             self.collector.collect()
         done = self.collector.done if self.collector is not None else frozenset()
-        planner = Planner(self.queue, self.spec, on_flush=self._show_planning)
+        planner = Planner(self.queue, self.spec, on_flush=self._show_planning,
+                          has_prediction=self._has_prediction if self.client is not None else None)
         self.plan_report = planner.plan(self.tasks_factory(), done_keys=done, retry_failed=retry_failed)
         return self.plan_report
+
+    def _has_prediction(self, task_id: int) -> bool:
+        """Whether the task has a prediction of this run's version in Label Studio right now."""
+        return any(p.model_version == self.spec.model_version for p in self.client.list_predictions(task_id=task_id))
 
     def _show_planning(self, report: PlanReport) -> None:
         progress = self.runs.progress(self.run_id)
@@ -226,7 +223,7 @@ class BulkRun:
         """One look at the run; its progress when following ends (done or cancelled), else None."""
         progress = self._progress()
         self.printer.update(progress)
-        if progress.state == "cancelled":
+        if progress.state == RunState.cancelled:
             return progress
         if self.collector is not None and self.collector.collect():
             progress = self._progress()
@@ -260,14 +257,14 @@ class BulkRun:
             return True
         # Results that expired before we collected them: plan those tasks again (the cache answers them).
         log.info("re-planning tasks whose results expired", extra={"run_id": self.run_id, "count": len(missing)})
-        self.runs.mark(self.run_id, {k: "queued" for k in missing})
+        self.runs.mark(self.run_id, {k: TaskStatus.queued for k in missing})
         self._plan()
         return False
 
     def _uncollected(self) -> set[str]:
         """Tasks a worker finished whose results are not in the local log yet and cannot be fetched."""
         self.collector.collect()
-        ok = {k for k, s in self.runs.statuses(self.run_id).items() if s in ("ok", "cached")}
+        ok = {k for k, s in self.runs.statuses(self.run_id).items() if s.succeeded}
         if self.plan_report is not None:
             ok &= set(self.plan_report.images)
         missing = ok - self.collector.done
@@ -295,10 +292,10 @@ class BulkRun:
     def finish(self, progress: RunProgress, *, set_project_version: bool = True) -> RunOutcome:
         outcome = RunOutcome(progress=progress, failed=self.runs.failed(self.run_id),
                              complete=progress.remaining == 0 and progress.retrying == 0)
-        if progress.state == "cancelled":
+        if progress.state == RunState.cancelled:
             return outcome
         if outcome.complete:
-            self.runs.set_state(self.run_id, "done")  # a worker may have done it already
+            self.runs.set_state(self.run_id, RunState.done)  # a worker may have done it already
             outcome.progress = self._progress()
         if self.collector is not None:
             outcome.outputs = self._write_outputs()
@@ -320,8 +317,14 @@ class BulkRun:
 
     def _show_in_label_studio(self) -> None:
         """Make the project show this version's predictions (and score them in the Data Manager)."""
+        from egm.labelstudio import VersionShown
+
         try:
-            if show_version_in_project(self.client, self.spec.project_id, self.spec.model_version):
+            # also renames the connected ML backend: the project keeps asking it for new tasks' predictions
+            password = self.settings.basic_auth_pass.get_secret_value() if self.settings.basic_auth_pass else None
+            shown = self.client.show_model_version(self.spec.project_id, self.spec.model_version,
+                                                   basic_auth_pass=password)
+            if shown is VersionShown.changed:
                 self.printer.message(f"project {self.spec.project_id} now shows predictions of model version "
                                      f"{self.spec.model_version}")
         except Exception as exc:  # noqa: BLE001 - the predictions are written; this is a convenience

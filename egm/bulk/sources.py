@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from egm.queries import TaskDataError, image_of
-from egm.runs import task_key
+from egm.bulk.run_store import task_key
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 #: manifest fields that may hold the image, in order of preference.

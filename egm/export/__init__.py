@@ -5,6 +5,6 @@ Modules: :mod:`~egm.export.accepted` (which annotations count), :mod:`~egm.expor
 human did to each predicted box), :mod:`~egm.export.live` (the same figures from webhooks),
 :mod:`~egm.export.images`, :mod:`~egm.export.samples`, the writers :mod:`~egm.export.sft`,
 :mod:`~egm.export.grpo`, :mod:`~egm.export.coco`, :mod:`~egm.export.report`, the verl
-reward :mod:`~egm.export.reward`, and :mod:`~egm.export.pipeline` (``run_export``).
+reward :mod:`~egm.export.reward`, and :mod:`~egm.export.exporter` (``run_export``).
 See docs/export.md.
 """

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import redis
 
-from egm.contract import redis_key
+from egm.keys import Keys
 from egm.export.corrections import (DEFAULT_ACCEPT_TOLERANCE, DEFAULT_MATCH_IOU, MATCHED_KINDS, Correction,
                                     match_regions)
 from egm.export.regions import parse_result
@@ -81,7 +81,7 @@ class LiveCorrections:
         self.match_iou = match_iou
 
     def record_key(self, annotation_id: int | str) -> str:
-        return redis_key(self.prefix, "corrections", "annotation", annotation_id)
+        return Keys(self.prefix).annotation_corrections(annotation_id)
 
     # ----------------------------------------------------------------- events
 
@@ -181,7 +181,7 @@ def _control_names(event: dict) -> tuple[str | None, str | None]:
     xml = project.get("label_config")
     if not xml:
         return None, None
-    from egm.labeling import LabelingConfigError, parse_labeling_config
+    from egm.labelstudio.config import LabelingConfigError, parse_labeling_config
 
     try:
         target = parse_labeling_config(xml).target
@@ -193,5 +193,5 @@ def _control_names(event: dict) -> tuple[str | None, str | None]:
 def record_webhook_event(stats: StatsStore, event: dict, fetch_prediction: PredictionFetcher | None = None,
                          prefix: str | None = None) -> str:
     """Convenience for one event with a stats store (prefix taken from its key)."""
-    prefix = prefix or stats.key.rsplit(":", 1)[0]
+    prefix = prefix or stats.prefix
     return LiveCorrections(stats.redis, prefix, fetch_prediction=fetch_prediction).handle(event)

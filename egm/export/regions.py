@@ -4,7 +4,7 @@ A rectangle region is a ``rectanglelabels`` item; its percent geometry goes
 through :mod:`egm.geometry` (``percent_from_value`` -> ``percent_to_grid``), so a
 rotated rectangle becomes its upright hull and every box is ordered and clamped.
 The model's reasoning for a predicted box is the per-region ``textarea`` item
-with the same region ``id`` (written by :mod:`egm.ls_results`); a ``textarea``
+with the same region ``id`` (written by :mod:`egm.labelstudio.results`); a ``textarea``
 without geometry holds text for the whole task (a typed prompt, or reasoning of
 a prediction written without per-region text).
 

@@ -20,7 +20,8 @@ from PIL import Image
 from egm.images.decode import decode_image
 from egm.images.errors import IMAGE_ERROR_KINDS, ImageErrorKind, ImageLoadError
 from egm.images.sources import MediaDownloader, read_source
-from egm.images.url_guard import UrlGuard, redact_url
+from egm.images.url_guard import UrlGuard
+from egm.redaction import redact_url
 
 __all__ = [
     "IMAGE_ERROR_KINDS", "ImageErrorKind", "ImageLoadError", "LoadedImage", "MediaDownloader",

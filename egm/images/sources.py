@@ -25,7 +25,8 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit
 import httpx
 
 from egm.images.errors import ImageLoadError
-from egm.images.url_guard import BlockedUrlError, UrlGuard, UrlResolveError, VettedUrl, redact_url
+from egm.images.url_guard import BlockedUrlError, UrlGuard, UrlResolveError, VettedUrl
+from egm.redaction import redact_secrets, redact_url
 
 #: Root-relative paths that are Label Studio media, not local files.
 LABEL_STUDIO_PREFIXES = ("/data/upload/", "/data/local-files/", "/data/local-files?")
@@ -83,7 +84,7 @@ def read_label_studio(url: str, *, settings, ls_client: MediaDownloader | None) 
     except ImageLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the client raises fails this image only
-        detail = _redact_secrets(f"{type(exc).__name__}: {exc}", settings)
+        detail = redact_secrets(f"{type(exc).__name__}: {exc}", settings.secret_values())
         # The client reports its own byte cap in words ("over the N-byte limit"); anything else is a fetch error.
         kind = "too_large" if "byte limit" in str(exc) else "fetch"
         raise ImageLoadError(f"Label Studio download of {redact_url(url)} failed: {detail}", kind) from None
@@ -101,12 +102,6 @@ def _local_files_path(url: str) -> str | None:
         return None
     values = parse_qs(parts.query).get("d")
     return values[0] if values else None
-
-
-def _redact_secrets(text: str, settings) -> str:
-    for secret in settings.secret_values():
-        text = text.replace(secret, "***")
-    return text
 
 
 # --- local files --------------------------------------------------------------------

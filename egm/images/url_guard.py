@@ -28,7 +28,9 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import Callable, Iterable
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
+
+from egm.redaction import redact_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: host, port -> addresses as strings (default: socket.getaddrinfo). A seam for tests.
@@ -46,8 +48,6 @@ ALWAYS_REFUSED = frozenset({"cloud metadata", "unspecified", "multicast", "reser
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$", re.IGNORECASE)
-#: Query keys whose values are never secret and help to read an error (Label Studio's local-files path).
-_SAFE_QUERY_KEYS = frozenset({"d"})
 
 
 class BlockedUrlError(ValueError):
@@ -56,28 +56,6 @@ class BlockedUrlError(ValueError):
 
 class UrlResolveError(BlockedUrlError):
     """The host could not be resolved (a fetch failure rather than a policy refusal)."""
-
-
-# --- redaction ------------------------------------------------------------------
-
-def redact_url(url: str, max_len: int = 200) -> str:
-    """The URL without userinfo, fragment or query values (except harmless keys), for messages and logs."""
-    text = str(url).strip()
-    if text[:5].lower() == "data:":
-        return f"{text.partition(',')[0]},... ({len(text)} chars)"
-    try:
-        parts = urlsplit(text)
-        netloc = parts.netloc
-        if "@" in netloc:
-            netloc = "***@" + netloc.rpartition("@")[2]
-        query = "&".join(
-            f"{quote(k, safe='')}={quote(v, safe='/') if k in _SAFE_QUERY_KEYS else '***'}"
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        )
-        out = urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    except ValueError:
-        return "<malformed URL>"
-    return out if len(out) <= max_len else out[: max_len - 3] + "..."
 
 
 # --- addresses ----------------------------------------------------------------

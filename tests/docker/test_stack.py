@@ -41,7 +41,7 @@ import pytest
 import redis
 
 from egm.processes import free_port
-from egm.runs import RunStore
+from egm.bulk.run_store import RunStore
 from tests.fixtures.labelstudio import LabelStudioServer
 from tests.images_factory import make_noise_jpeg
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
@@ -21,14 +22,15 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """Decoding settings; part of ``model_version``. temperature 0 = greedy, as EGM is evaluated."""
+    """Decoding settings; part of ``model_version``. temperature 0 = greedy, as EGM is evaluated.
+
+    One answer per request: K sampled answers for the uncertainty score are K requests, made
+    by the batch pipeline (``EGM_UNCERTAINTY_SAMPLES``), the same on every engine."""
 
     max_new_tokens: int = 1024
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 20
-    #: number of sampled answers per request (K > 1 enables disagreement-based uncertainty).
-    num_samples: int = 1
 
     @property
     def greedy(self) -> bool:
@@ -115,3 +117,17 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release GPU memory / connections."""
+
+
+def local_checkpoint(model_path: str) -> str | None:
+    """The folder the weights of ``model_path`` are read from: the folder itself, or for a hub id the
+    local snapshot the loader used (None when it cannot be found, e.g. an in-memory model)."""
+    local = Path(model_path).expanduser()
+    if local.is_dir():
+        return str(local.resolve())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not a hub id, or not in the local cache
+        return None

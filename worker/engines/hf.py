@@ -29,8 +29,9 @@ from typing import Any
 
 from PIL import Image
 
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
-from egm.worker.engines.common import local_checkpoint
+from egm.images.decode import to_rgb
+from egm.worker.engines.base import (DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel,
+                                     local_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,7 @@ def _check_image(image: Any) -> Image.Image:
     if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
         raise ValueError(f"image aspect ratio {w}x{h} exceeds {MAX_ASPECT_RATIO}:1")
     image.load()  # a truncated file fails here, not inside the batch
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.mode == "RGB" else to_rgb(image)
 
 
 def _sampling(decoding: DecodingConfig):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +26,11 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from PIL import Image
 
+from egm.backoff import backoff_s
+from egm.redaction import redact
 from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
-from egm.worker.engines.common import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes, to_rgb
+from egm.images.decode import to_rgb
+from egm.worker.engines.served import align_pieces, fit_within_pixels, join_reasoning, pieces_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,6 @@ def build_chat_body(model: str, prompt: str, image_url: str, decoding: DecodingC
     }
     if decoding.top_k > 0:
         body["top_k"] = decoding.top_k  # not OpenAI's API; vLLM and SGLang read it from the body
-    if decoding.num_samples > 1 and not decoding.greedy:
-        body["n"] = decoding.num_samples  # greedy samples would all be identical
     return body
 
 
@@ -157,20 +157,16 @@ def choice_to_output(choice: dict[str, Any]) -> EngineOutput:
 
 
 def parse_chat_response(data: Any) -> EngineOutput:
-    """EngineOutput from a chat-completions response; extra choices (``n`` > 1) go to
-    ``extra["samples"]`` as ``{"text", "tokens", "logprobs"}`` dicts."""
+    """EngineOutput from a chat-completions response (the first choice: one answer per request)."""
     if not isinstance(data, dict):
         raise ResponseFormatError("response is not a JSON object")
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
         raise ResponseFormatError("response has no choices")
-    outputs = [choice_to_output(c) for c in sorted(choices, key=lambda c: c.get("index") or 0)]
-    first = outputs[0]
+    first = choice_to_output(min(choices, key=lambda c: c.get("index") or 0))
     usage = data.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
         first.prompt_tokens = usage["prompt_tokens"]
-    if len(outputs) > 1:
-        first.extra["samples"] = [{"text": o.text, "tokens": o.tokens, "logprobs": o.logprobs} for o in outputs[1:]]
     return first
 
 
@@ -240,10 +236,10 @@ class OpenAICompatEngine(Engine):
 
     # -- secrets never leave this object --
     def _redact(self, message: str) -> str:
-        return message.replace(self._api_key, "***") if self._api_key else message
+        return redact(message, [self._api_key] if self._api_key else [])
 
     def _backoff(self, attempt: int, failure: _Failure) -> float:
-        delay = self.backoff_s * (2 ** (attempt - 1)) * (1 + 0.1 * random.random())
+        delay = backoff_s(attempt, self.backoff_s, MAX_BACKOFF_S, jitter=0.1)
         if failure.retry_after_s is not None:
             delay = max(delay, failure.retry_after_s)
         return min(delay, MAX_BACKOFF_S)

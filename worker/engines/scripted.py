@@ -4,11 +4,17 @@ It exercises everything around the model (queueing, parsing, conversion, Label
 Studio writes) with known boxes. The completion template may use ``{label}``
 (first label of a multi-category prompt or the referring expression),
 ``{w}``/``{h}`` (image size the engine received) and a stable per-image box.
+
+Like a real engine it returns the generated tokens (one per character) with their
+log-probabilities: digits get ``log p`` with ``p`` a stable per-image value in [0.3, 0.95],
+everything else ``0``, so box and task scores exist and differ between images (what the
+Data Manager's score column and active learning sort by).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 
@@ -29,6 +35,17 @@ def prompt_label(prompt: str) -> str:
         return m.group(1).split(",")[0].strip() or "object"
     m = _REFERRING.search(prompt)
     return m.group(1).strip() if m else "object"
+
+
+def stable_confidence(image_bytes_digest: str) -> float:
+    """A deterministic per-image digit probability in [0.3, 0.95]."""
+    return 0.3 + 0.65 * bytes.fromhex(image_bytes_digest)[4] / 255
+
+
+def scripted_logprobs(text: str, p: float) -> tuple[list[str], list[float]]:
+    """One token per character; digits are written with probability ``p``, the rest with certainty."""
+    tokens = list(text)
+    return tokens, [math.log(p) if t.isdigit() else 0.0 for t in tokens]
 
 
 def stable_box(image_bytes_digest: str) -> tuple[int, int, int, int]:
@@ -79,7 +96,8 @@ class ScriptedEngine(Engine):
             x1, y1, x2, y2 = stable_box(digest)
             text = self.template.format(label=prompt_label(req.prompt), w=req.image.width, h=req.image.height,
                                         x1=x1, y1=y1, x2=x2, y2=y2)
-            outputs.append(EngineOutput(text=text))
+            tokens, logprobs = scripted_logprobs(text, stable_confidence(digest))
+            outputs.append(EngineOutput(text=text, tokens=tokens, logprobs=logprobs))
         return outputs
 
     def _simulate_gpu(self, between_steps) -> None:

@@ -22,8 +22,10 @@ from typing import Any
 from PIL import Image
 
 from egm.config.settings import Settings
-from egm.worker.engines.base import DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel
-from egm.worker.engines.common import align_pieces, fit_within_pixels, local_checkpoint, to_rgb
+from egm.worker.engines.base import (DecodingConfig, Engine, EngineError, EngineOutput, EngineRequest, ServedModel,
+                                     local_checkpoint)
+from egm.images.decode import to_rgb
+from egm.worker.engines.served import align_pieces, fit_within_pixels
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def sampling_kwargs(decoding: DecodingConfig) -> dict[str, Any]:
     text); ``logprobs=0`` returns the log-prob of each chosen token only.
     """
     return {
-        "n": decoding.num_samples if decoding.num_samples > 1 and not decoding.greedy else 1,
+        "n": 1,  # K samples for the uncertainty score are K requests (the batch pipeline's)
         "temperature": max(0.0, decoding.temperature),
         "top_p": decoding.top_p,
         "top_k": decoding.top_k if decoding.top_k > 0 else 0,  # 0: no top-k cut
@@ -216,16 +218,13 @@ def completion_to_output(completion: Any, tokenizer: Any = None) -> EngineOutput
 
 
 def request_output_to_output(request_output: Any, tokenizer: Any = None) -> EngineOutput:
-    """EngineOutput from one ``vllm.RequestOutput``; extra samples (n > 1) go to ``extra["samples"]``."""
+    """EngineOutput from one ``vllm.RequestOutput`` (its first completion: one answer per request)."""
     completions = sorted(request_output.outputs, key=lambda c: c.index)
     if not completions:
         return EngineOutput(text="", error="vLLM returned no completion")
-    outputs = [completion_to_output(c, tokenizer) for c in completions]
-    first = outputs[0]
+    first = completion_to_output(completions[0], tokenizer)
     prompt_ids = getattr(request_output, "prompt_token_ids", None)
     first.prompt_tokens = len(prompt_ids) if prompt_ids is not None else None
-    if len(outputs) > 1:
-        first.extra["samples"] = [{"text": o.text, "tokens": o.tokens, "logprobs": o.logprobs} for o in outputs[1:]]
     return first
 
 

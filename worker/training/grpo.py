@@ -26,6 +26,8 @@ from typing import Any
 
 from PIL import Image
 
+from egm.images.decode import to_rgb
+
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -99,7 +101,7 @@ def _image(entry: Any, data_path: Path, where: str) -> Image.Image:
 
 def _open(source: Any) -> Image.Image:
     with Image.open(source) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def load_reward(path: Path) -> Callable[..., float]:

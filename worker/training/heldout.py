@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from egm.contract import LabelTarget
+from egm.images.decode import to_rgb
 from egm.parsing import parse_completion
 from egm.prompts import PromptTemplates
 from egm.queries import build_queries
@@ -38,7 +39,7 @@ class HeldOut:
     scenes: list[Scene]
     images: Path
     templates: PromptTemplates
-    #: the labeling config's boxes and labels (:func:`egm.labeling.parse_labeling_config`)
+    #: the labeling config's boxes and labels (:func:`egm.labelstudio.config.parse_labeling_config`)
     target: LabelTarget
     min_pixels: int
     max_pixels: int
@@ -85,7 +86,7 @@ def evaluate(model: Any, processor: Any, heldout: HeldOut, modes: tuple[str, ...
                 parsed = parse_completion(out.text)
                 statuses[parsed.status.value] += 1
                 for box in parsed.boxes:
-                    # the worker's rule (egm.worker.pipeline): the query's label, else the model's, mapped
+                    # the worker's rule (egm.worker.batch_processor): the query's label, else the model's, mapped
                     label = query.label or target.resolve_label(box.label)
                     if label is not None:
                         predictions[scene.seed].append((label, box.box))
@@ -100,4 +101,4 @@ def evaluate(model: Any, processor: Any, heldout: HeldOut, modes: tuple[str, ...
 
 def _load(path: Path) -> Image.Image:
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return to_rgb(im)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from egm.images.decode import to_rgb
 from egm.parsing import format_completion, parse_completion
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -194,7 +195,7 @@ def encode_rows(rows: list[SftRow], processor: Any, model: Any, *, min_pixels: i
     for row in rows:
         if row.image not in images:
             with Image.open(row.image) as im:
-                pixels = processor.image_processor(images=[im.convert("RGB")], min_pixels=min_pixels,
+                pixels = processor.image_processor(images=[to_rgb(im)], min_pixels=min_pixels,
                                                    max_pixels=max_pixels, return_tensors="pt")
             images[row.image] = len(pixel_values)
             pixel_values.append(pixels["pixel_values"])

@@ -1,7 +1,19 @@
-"""Reading Label Studio labeling configs: where boxes go and where the typed prompt comes from.
+"""Reading Label Studio labeling configs and interactive contexts.
 
-Label Studio re-sends the labeling config with every ``/predict`` call, so parsed
-configs are cached by the hash of their text.
+The config says where boxes go, where the typed prompt comes from and where a message for
+the annotator can be shown. Label Studio re-sends the labeling config with every
+``/predict`` call, so parsed configs are cached by the hash of their text.
+
+An interactive ``/predict`` (Auto-Annotation on) carries ``params.context = {"result": [...]}``.
+Label Studio 1.23 puts there what the annotator just did: the typed prompt as a ``textarea``
+item (Shift+Enter), nothing at all on Submit (``{"result": []}``), and, with smart tools, the
+regions drawn. Read from it here:
+
+* the typed prompt (:func:`extract_prompt`);
+* the label the annotator selected, when a release sends it (1.23 does not): a
+  ``rectanglelabels``/``labels`` item *without* geometry (:func:`extract_selected_label`);
+* the annotator's regions: ``rectanglelabels``/``rectangle`` items *with* geometry
+  (``value.x/y/width/height`` in percent), as :class:`egm.geometry.PercentRect` (:func:`context_rectangles`).
 
 The XML is read with the standard library, following the rules of label-studio-sdk's
 ``LabelInterface`` for what this project needs: a *control* tag has ``name`` and
@@ -25,6 +37,10 @@ from egm.contract import LabelTarget
 _CACHE_SIZE = 256
 _PROMPT_NAME = "prompt"
 _REASONING_NAME = "reasoning"
+#: the task-level TextArea for the image-level reasoning is recognised by this name only
+#: (so a config's only free TextArea is never mistaken for it, nor it for the prompt).
+IMAGE_REASONING_NAME = "image_reasoning"
+_MESSAGE_NAME = "message"
 
 
 class LabelingConfigError(ValueError):
@@ -35,9 +51,15 @@ class LabelingConfigError(ValueError):
 class LabelingConfig:
     target: LabelTarget
     #: non-per-region TextArea whose typed text is the referring expression (interactive mode).
+    #: The data key of the image (the Image tag's ``value="$image"``) is ``target.image_key``.
     prompt_from_name: str | None
-    #: data key from the Image tag's ``value="$image"``.
-    image_value_key: str
+    #: The data key of the image (the Image tag's ``value="$image"``) is ``target.image_key``.
+    #: non-per-region TextArea that shows the annotator why an interactive request gave no box
+    #: (named ``message`` if there is one, else another non-per-region TextArea than the prompt).
+    message_from_name: str | None = None
+    #: label of a typed prompt's box when the prompt names none: a ``<Label default="true">``, else a
+    #: ``<Label selected="true">`` (the label Label Studio preselects in the toolbar).
+    default_label: str | None = None
 
 
 _cache: OrderedDict[str, LabelingConfig | LabelingConfigError] = OrderedDict()
@@ -66,7 +88,8 @@ def parse_labeling_config(xml: str) -> LabelingConfig:
         raise LabelingConfigError(str(hit))
     # Hand out a copy: LabelTarget is mutable and the cached one is shared.
     return LabelingConfig(target=hit.target.model_copy(deep=True), prompt_from_name=hit.prompt_from_name,
-                          image_value_key=hit.image_value_key)
+                          message_from_name=hit.message_from_name,
+                          default_label=hit.default_label)
 
 
 def clear_cache() -> None:
@@ -90,10 +113,20 @@ def _parse(xml: str) -> LabelingConfig:
         raise LabelingConfigError(f'<RectangleLabels name="{rect.name}"> has no <Label> values')
     textareas = [c for c in interface.controls if _tag(c) == "textarea" and image.name in (c.to_name or [])]
     reasoning = _pick(textareas, per_region=True, preferred=_REASONING_NAME)
-    prompt = _pick(textareas, per_region=False, preferred=_PROMPT_NAME)
+    image_reasoning = next((t.name for t in textareas if t.name.lower() == IMAGE_REASONING_NAME
+                            and not _is_true((t.attr or {}).get("perRegion"))), None)
+    named_message = [t for t in textareas if t.name.lower() == _MESSAGE_NAME
+                     and not _is_true((t.attr or {}).get("perRegion"))]
+    prompt = _pick([t for t in textareas if t not in named_message and t.name != image_reasoning],
+                   per_region=False, preferred=_PROMPT_NAME)
+    # the image's reasoning area takes a message only when the config has no other free TextArea
+    others = sorted((t for t in textareas if t.name != prompt), key=lambda t: t.name == image_reasoning)
+    message = named_message[0].name if named_message else _pick(others, per_region=False, preferred=_MESSAGE_NAME)
     target = LabelTarget(from_name=rect.name, to_name=image.name, labels=labels, aliases=aliases,
-                         reasoning_from_name=reasoning, image_key=image_key)
-    return LabelingConfig(target=target, prompt_from_name=prompt, image_value_key=image_key)
+                         reasoning_from_name=reasoning, image_reasoning_from_name=image_reasoning,
+                         image_key=image_key)
+    return LabelingConfig(target=target, prompt_from_name=prompt,
+                          message_from_name=message, default_label=_default_label(rect))
 
 
 @dataclass
@@ -187,6 +220,15 @@ def _labels_and_aliases(control: Any) -> tuple[list[str], dict[str, str]]:
     return labels, aliases
 
 
+def _default_label(control: Any) -> str | None:
+    tags = [(value, getattr(tag, "attr", {}) or {}) for value, tag in (getattr(control, "labels_attrs", None) or {}).items()]
+    for attribute in ("default", "selected"):
+        for value, attrs in tags:
+            if value and _is_true(attrs.get(attribute)):
+                return value
+    return None
+
+
 def _pick(textareas: list[Any], *, per_region: bool, preferred: str) -> str | None:
     matching = [t for t in textareas if _is_true((t.attr or {}).get("perRegion")) == per_region]
     for t in matching:
@@ -202,6 +244,62 @@ def _is_true(value: Any) -> bool:
 # --------------------------------------------------------------------------- interactive prompt
 
 
+def _context_items(context: Any) -> list[dict]:
+    """The ``result`` items of an interactive context (``[]`` for anything else)."""
+    if isinstance(context, dict) and isinstance(context.get("context"), dict):
+        context = context["context"]  # the whole params object was passed
+    if not isinstance(context, dict):
+        return []
+    results = context.get("result")
+    if isinstance(results, dict):
+        results = [results]
+    return [item for item in results if isinstance(item, dict)] if isinstance(results, list) else []
+
+
+def _rect_value(item: dict) -> dict | None:
+    value = item.get("value")
+    if not isinstance(value, dict) or str(item.get("type", "")).lower() not in ("rectanglelabels", "rectangle"):
+        return None
+    return value
+
+
+def _has_geometry(value: dict) -> bool:
+    return all(isinstance(value.get(k), (int, float)) and not isinstance(value.get(k), bool)
+               for k in ("x", "y", "width", "height"))
+
+
+def extract_selected_label(context: Any, target: LabelTarget) -> str | None:
+    """The config label the annotator selected, when the context carries one (a labels item without geometry)."""
+    for item in _context_items(context):
+        value = item.get("value")
+        kind = str(item.get("type", "")).lower()
+        if not isinstance(value, dict) or kind not in ("rectanglelabels", "labels") or _has_geometry(value):
+            continue
+        names = value.get("rectanglelabels") or value.get("labels")
+        if isinstance(names, list):
+            for name in names:
+                if isinstance(name, str) and name in target.labels:
+                    return name
+    return None
+
+
+def context_rectangles(context: Any) -> list[dict]:
+    """The rectangle ``value`` dicts (percent geometry) of the regions in an interactive context."""
+    out = []
+    for item in _context_items(context):
+        value = _rect_value(item)
+        if value is not None and _has_geometry(value):
+            out.append(value)
+    return out
+
+
+def result_rectangles(result: Any) -> list[dict]:
+    """The rectangle ``value`` dicts of a stored result list (a prediction's, annotation's or draft's)."""
+    if not isinstance(result, list):
+        return []
+    return [v for v in (_rect_value(i) for i in result if isinstance(i, dict)) if v is not None and _has_geometry(v)]
+
+
 def extract_prompt(context: Any, prompt_from_name: str | None) -> str | None:
     """The text typed into the prompt TextArea, from ``/predict``'s ``params.context``.
 
@@ -209,18 +307,9 @@ def extract_prompt(context: Any, prompt_from_name: str | None) -> str | None:
     "value": {"text": ["a purple square"]}}]}``. With several submissions the latest
     non-empty one wins. Anything else (missing, other shapes, junk) gives ``None``.
     """
-    if isinstance(context, dict) and isinstance(context.get("context"), dict):
-        context = context["context"]  # the whole params object was passed
-    if not isinstance(context, dict):
-        return None
-    results = context.get("result")
-    if isinstance(results, dict):
-        results = [results]
-    if not isinstance(results, list):
-        return None
     found: str | None = None
-    for item in results:
-        if not isinstance(item, dict) or str(item.get("type", "")).lower() != "textarea":
+    for item in _context_items(context):
+        if str(item.get("type", "")).lower() != "textarea":
             continue
         if prompt_from_name is not None and item.get("from_name") != prompt_from_name:
             continue

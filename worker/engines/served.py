@@ -11,24 +11,10 @@ import math
 import re
 from collections.abc import Sequence
 
-from pathlib import Path
-
 from PIL import Image
 
 THINK_END = "</think>"
 THINK_START = "<think>"
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; transparent areas become white (as Qwen's own image loader does)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 def fitted_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -133,17 +119,3 @@ def align_pieces(
         if k < len(pieces):
             joined += pieces[k]
     return None
-
-
-def local_checkpoint(model_path: str) -> str | None:
-    """The folder the weights of ``model_path`` are read from: the folder itself, or for a hub id the
-    local snapshot the loader used (None when it cannot be found, e.g. an in-memory model)."""
-    local = Path(model_path).expanduser()
-    if local.is_dir():
-        return str(local.resolve())
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model_path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not a hub id, or not in the local cache
-        return None

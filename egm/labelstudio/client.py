@@ -10,7 +10,7 @@ Layers, bottom up:
 * ``LabelStudioClient.request``: one HTTP call with timeouts, retries and errors
   that name the call but never a secret.
 * Typed methods for what this project needs (tasks, predictions, webhooks,
-  export, image download, views).
+  ML backends and the project's model_version, export, image download, views).
 
 Why plain httpx rather than ``label_studio_sdk.LabelStudio`` for these calls: the
 SDK retries every method on 5xx/408/409/429, POSTs included, which can write a
@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+
+from egm.backoff import backoff_s
+from egm.redaction import redact
 
 if TYPE_CHECKING:  # pragma: no cover
     from egm.config.settings import Settings
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 _ACCESS_TOKEN_MARGIN_S = 30.0
 #: Longest slice of a server reply quoted in an error message.
 _DETAIL_CHARS = 400
+#: longest wait between two tries of one call (before jitter).
+MAX_BACKOFF_S = 8.0
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 #: The events an ML backend's webhook carries: what keeps the correction figures current.
 WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
@@ -250,6 +254,36 @@ class Webhook:
 
 
 @dataclass
+class MLBackend:
+    """An ML backend connected to a project (``/api/ml``)."""
+
+    id: int
+    url: str
+    title: str
+    project: int | None
+    is_interactive: bool
+    #: the version its last /setup answered.
+    model_version: str
+    #: ``NONE`` or ``BASIC_AUTH``.
+    auth_method: str = "NONE"
+    basic_auth_user: str = ""
+
+    @classmethod
+    def from_api(cls, d: dict[str, Any]) -> "MLBackend":
+        return cls(id=int(d["id"]), url=d.get("url") or "", title=d.get("title") or "", project=d.get("project"),
+                   is_interactive=bool(d.get("is_interactive")), model_version=d.get("model_version") or "",
+                   auth_method=d.get("auth_method") or "NONE", basic_auth_user=d.get("basic_auth_user") or "")
+
+
+class VersionShown(str, Enum):
+    """What :meth:`LabelStudioClient.show_model_version` found."""
+
+    changed = "changed"        # something was renamed or set
+    in_order = "in_order"      # the project and its live backend already name this version
+    no_backend = "no_backend"  # no (matching) ML backend yet; the project's version was set if needed
+
+
+@dataclass
 class View:
     id: int
     project: int
@@ -414,17 +448,14 @@ class LabelStudioClient:
         return self.url + "/" + path.lstrip("/")
 
     def _backoff(self, attempt: int, method: str, path: str, why: str) -> int:
-        delay = min(self.backoff_s * (2 ** attempt), 8.0) * (0.5 + random.random() / 2)
+        delay = backoff_s(attempt + 1, self.backoff_s, MAX_BACKOFF_S, jitter=0.5)
         log.info("label studio %s %s failed (%s); retry %d/%d in %.2fs", method, _path_only(path), why,
                  attempt + 1, self.retries, delay)
         time.sleep(delay)
         return attempt + 1
 
     def _redact(self, text: str, extra: Iterable[str] = ()) -> str:
-        for secret in [*self._auth.secrets(), *extra]:
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
+        return redact(text, [*self._auth.secrets(), *extra])
 
     def _error(self, message: str, method: str, path: str, status_code: int | None = None,
                extra_secrets: Iterable[str] = ()) -> LabelStudioError:
@@ -446,14 +477,72 @@ class LabelStudioClient:
     def get_project(self, project_id: int) -> Project:
         return Project.from_api(self.request_json("GET", f"/api/projects/{int(project_id)}/"))
 
-    def set_project_model_version(self, project_id: int, model_version: str) -> Project:
-        """Select which predictions the project shows annotators and scores in the Data Manager."""
-        body = self.request_json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version},
-                                 idempotent=True)
-        return Project.from_api(body)
-
     def get_label_config(self, project_id: int) -> str:
         return self.get_project(project_id).label_config
+
+    def set_project_model_version(self, project_id: int, model_version: str) -> None:
+        """The version whose predictions the project shows, scores in the Data Manager and (when an ML
+        backend of that title is connected) keeps asking the live model for."""
+        self.request_json("PATCH", f"/api/projects/{int(project_id)}/", json={"model_version": model_version},
+                          idempotent=True)
+
+    # ----------------------------------------------------------------- ML backends
+
+    def list_ml_backends(self, project_id: int) -> list[MLBackend]:
+        body = self.request_json("GET", "/api/ml/", params={"project": int(project_id)})
+        return [MLBackend.from_api(b) for b in body or [] if int(b.get("project") or 0) == int(project_id)]
+
+    def rename_ml_backend(self, backend: MLBackend, title: str, basic_auth_pass: str | None = None) -> None:
+        """Label Studio moves the project's model_version along when it named the old title.
+
+        Label Studio 1.23 validates an update like a new connection (it calls the backend's /health
+        and /setup with the fields sent), so the URL, project and credentials go along; a backend
+        behind basic auth needs its password (Label Studio never returns it)."""
+        body: dict[str, Any] = {"title": title, "url": backend.url, "project": backend.project,
+                                "is_interactive": backend.is_interactive}
+        if backend.auth_method == "BASIC_AUTH":
+            if not basic_auth_pass:
+                raise LabelStudioError(f"ML backend {backend.id} uses basic auth: its password is needed to rename it",
+                                       method="PATCH", path=f"/api/ml/{backend.id}")
+            body.update(auth_method="BASIC_AUTH", basic_auth_user=backend.basic_auth_user,
+                        basic_auth_pass=basic_auth_pass)
+        try:  # no trailing slash: /api/ml/<id>/ is a 404 in 1.23
+            self.request_json("PATCH", f"/api/ml/{int(backend.id)}", json=body, idempotent=True)
+        except LabelStudioError as exc:
+            raise LabelStudioError(self._redact(str(exc), [basic_auth_pass or ""]), status_code=exc.status_code,
+                                   method=exc.method, path=exc.path) from None
+
+    def show_model_version(self, project_id: int, model_version: str,
+                           is_live: Callable[[MLBackend], bool] | None = None,
+                           basic_auth_pass: str | None = None) -> VersionShown:
+        """Make the project show, score and keep predicting with ``model_version``.
+
+        Label Studio 1.23 scores (Data Manager "Prediction score") only predictions whose
+        ``model_version`` equals the project's, and asks an ML backend for new predictions only
+        while the project's ``model_version`` equals that backend's *title*. So the live backend
+        is renamed to the version and the project set to it. ``is_live`` picks the live backend
+        (e.g. by URL); without it, the backend whose title the project names, else the only one.
+        ``basic_auth_pass``: the live backend's password, if it uses basic auth.
+        """
+        project = self.get_project(project_id)
+        backends = self.list_ml_backends(project_id)
+        if is_live is not None:
+            live = [b for b in backends if is_live(b)]
+        else:
+            live = [b for b in backends if b.title == project.model_version] or (backends if len(backends) == 1 else [])
+        changed = False
+        for backend in live:
+            if backend.title != model_version:
+                self.rename_ml_backend(backend, model_version, basic_auth_pass)
+                changed = True
+        if changed:
+            project = self.get_project(project_id)
+        if project.model_version != model_version:
+            self.set_project_model_version(project_id, model_version)
+            changed = True
+        if changed:
+            return VersionShown.changed
+        return VersionShown.in_order if live else VersionShown.no_backend
 
     # ----------------------------------------------------------------- tasks
 
@@ -587,6 +676,19 @@ class LabelStudioClient:
         body = self.request_json("GET", "/api/predictions/", params=params)
         items = body.get("results", []) if isinstance(body, dict) else body
         return [Prediction.from_api(p) for p in items or []]
+
+    def get_prediction(self, prediction_id: int) -> Prediction:
+        return Prediction.from_api(self.request_json("GET", f"/api/predictions/{int(prediction_id)}/"))
+
+    def create_annotation(self, task_id: int, result: list[dict[str, Any]], *, lead_time_s: float | None = None,
+                          parent_prediction: int | None = None) -> dict[str, Any]:
+        """An annotation of ``task_id`` (what a person submits), optionally started from a prediction."""
+        body: dict[str, Any] = {"result": result}
+        if lead_time_s is not None:
+            body["lead_time"] = lead_time_s
+        if parent_prediction is not None:
+            body["parent_prediction"] = int(parent_prediction)
+        return self.request_json("POST", f"/api/tasks/{int(task_id)}/annotations/", json=body)
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.request("DELETE", f"/api/predictions/{int(prediction_id)}/")

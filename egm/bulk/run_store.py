@@ -5,8 +5,8 @@ or a manifest) at one ``model_version``; re-running the same command resumes it.
 Workers update the run after each batch; ``egm-assist status RUN``, the CLI's
 progress bar and ``/metrics`` read it.
 
-Every task has one status in ``run:<id>:seen`` (``queued``, ``ok``, ``cached``,
-``failed``, ``retrying``, ``skipped``) and the counters are moved by a Lua script from the old
+Every task has one :class:`TaskStatus` in ``run:<id>:seen`` (``queued``, ``ok``, ``cached``,
+``failed``, ``retrying``, ``skipped``), the run one :class:`RunState`, and the counters are moved by a Lua script from the old
 status to the new one, so a batch that runs twice (a retry after a worker died)
 never double counts, and recording a batch costs O(batch), not O(run).
 
@@ -26,14 +26,42 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Iterable
 
 import redis
 
-from egm.contract import BatchJob, BatchResult, TaskResult, redis_key
+from egm.contract import BatchJob, BatchResult, TaskResult
+from egm.keys import Keys
 
 RUN_TTL_S = 30 * 24 * 3600
-STATUSES = ("queued", "ok", "cached", "failed", "retrying", "skipped")
+
+
+class TaskStatus(StrEnum):
+    """Where one task of a run stands (``run:<id>:seen``; the counters are ``n_<status>``)."""
+
+    queued = "queued"
+    ok = "ok"
+    cached = "cached"
+    failed = "failed"
+    #: failed transiently; another try is scheduled (egm.bulk.retries).
+    retrying = "retrying"
+    #: already had a prediction of the run's model_version.
+    skipped = "skipped"
+
+    @property
+    def succeeded(self) -> bool:
+        return self in (TaskStatus.ok, TaskStatus.cached)
+
+
+class RunState(StrEnum):
+    """The run as a whole (``state`` of the run hash)."""
+
+    running = "running"
+    done = "done"
+    cancelled = "cancelled"
+    #: no such run (or a record without a state).
+    unknown = "unknown"
 
 # KEYS: seen hash, run hash. ARGV: ttl, mode ("set" | "skip"), then task/status pairs.
 # "skip" never demotes a task that already succeeded in this run.
@@ -85,15 +113,22 @@ return 1
 """
 
 
+def _run_state(raw: str | None) -> RunState:
+    try:
+        return RunState(raw)
+    except ValueError:
+        return RunState.unknown
+
+
 def task_key(task_id: int | None, ref: str | None) -> str:
     """How a run names a task: its Label Studio id, else its reference (path, URL, manifest key)."""
     return str(task_id) if task_id is not None else str(ref)
 
 
-def result_status(result: TaskResult) -> str:
+def result_status(result: TaskResult) -> TaskStatus:
     if result.status != "ok":
-        return "failed"
-    return "cached" if result.cached else "ok"
+        return TaskStatus.failed
+    return TaskStatus.cached if result.cached else TaskStatus.ok
 
 
 @dataclass
@@ -108,7 +143,7 @@ class RunProgress:
     retrying: int = 0
     #: enqueued and not finished yet.
     queued: int = 0
-    state: str = "unknown"
+    state: RunState = RunState.unknown
     started_at: float = 0.0
     updated_at: float = 0.0
     model_version: str = ""
@@ -154,12 +189,14 @@ class RunStore:
     def __init__(self, connection: redis.Redis, prefix: str) -> None:
         self.redis = connection
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self._record = connection.register_script(_RECORD_LUA)
         self._forget = connection.register_script(_FORGET_LUA)
         self._complete = connection.register_script(_COMPLETE_LUA)
 
-    def key(self, run_id: str, *parts: str) -> str:
-        return redis_key(self.prefix, "run", run_id, *parts)
+    def key(self, run_id: str, part: str | None = None) -> str:
+        """``run:<id>`` or one of its parts (egm.keys.RUN_PARTS)."""
+        return self.keys.run(run_id, part)
 
     # -- lifecycle -------------------------------------------------------------------
     def create(self, run_id: str, *, total: int, model_version: str, source: str, spec: dict | None = None,
@@ -170,12 +207,12 @@ class RunStore:
         resolved = self.progress(run_id)
         mapping = {"total": total, "model_version": model_version, "source": source, "updated_at": now,
                    "resumed_at": now, "resolved_at_resume": resolved.resolved if resolved else 0,
-                   "enqueued": 0, "state": "running", "planned": 0,
+                   "enqueued": 0, "state": RunState.running.value, "planned": 0,
                    "switch_project_version": int(bool(switch_project_version))}
         with self.redis.pipeline() as pipe:
             pipe.hsetnx(self.key(run_id), "started_at", now)
             pipe.hset(self.key(run_id), mapping=mapping)
-            pipe.sadd(redis_key(self.prefix, "runs"), run_id)
+            pipe.sadd(self.keys.runs(), run_id)
             pipe.expire(self.key(run_id), RUN_TTL_S)
             if spec is not None:
                 pipe.set(self.key(run_id, "spec"), json.dumps(spec), ex=RUN_TTL_S)
@@ -199,35 +236,36 @@ class RunStore:
     def switches_project_version(self, run_id: str) -> bool:
         return self.redis.hget(self.key(run_id), "switch_project_version") != b"0"
 
-    def set_state(self, run_id: str, state: str) -> None:
-        self.redis.hset(self.key(run_id), mapping={"state": state, "updated_at": time.time()})
+    def set_state(self, run_id: str, state: RunState) -> None:
+        self.redis.hset(self.key(run_id), mapping={"state": RunState(state).value, "updated_at": time.time()})
 
-    def state(self, run_id: str) -> str | None:
+    def state(self, run_id: str) -> RunState | None:
         raw = self.redis.hget(self.key(run_id), "state")
-        return raw.decode() if raw else None
+        return _run_state(raw.decode()) if raw else None
 
     def is_cancelled(self, run_id: str | None) -> bool:
-        return bool(run_id) and self.state(run_id) == "cancelled"
+        return bool(run_id) and self.state(run_id) == RunState.cancelled
 
     def spec(self, run_id: str) -> dict | None:
         raw = self.redis.get(self.key(run_id, "spec"))
         return json.loads(raw) if raw else None
 
     # -- per-task status ----------------------------------------------------------------
-    def mark(self, run_id: str, statuses: dict[str, str], *, skip_mode: bool = False) -> int:
+    def mark(self, run_id: str, statuses: dict[str, TaskStatus], *, skip_mode: bool = False) -> int:
         """Set task statuses (moving the counters); returns how many changed."""
         if not statuses:
             return 0
         args: list[str | int] = [RUN_TTL_S, "skip" if skip_mode else "set"]
         for task, status in statuses.items():
-            if status not in STATUSES:
-                raise ValueError(f"unknown task status {status!r}")
-            args.extend((task, status))
+            try:
+                args.extend((task, TaskStatus(status).value))
+            except ValueError:
+                raise ValueError(f"unknown task status {status!r}") from None
         return int(self._record(keys=[self.key(run_id, "seen"), self.key(run_id)], args=args))
 
     def mark_skipped(self, run_id: str, task_keys: Iterable[str]) -> int:
         """Tasks that already have a prediction of this run's model_version (kept ``ok`` if this run made it)."""
-        return self.mark(run_id, {k: "skipped" for k in task_keys}, skip_mode=True)
+        return self.mark(run_id, {k: TaskStatus.skipped for k in task_keys}, skip_mode=True)
 
     def forget(self, run_id: str, task_keys: Iterable[str]) -> int:
         """Drop tasks that left the source (files removed, tasks deleted) so the counters match it."""
@@ -238,15 +276,15 @@ class RunStore:
         self.redis.hdel(self.key(run_id, "failed"), *keys)
         return n
 
-    def statuses(self, run_id: str, task_keys: list[str] | None = None) -> dict[str, str]:
+    def statuses(self, run_id: str, task_keys: list[str] | None = None) -> dict[str, TaskStatus]:
         """Status of the given tasks (all tasks of the run when ``None``); unknown tasks are absent."""
         seen = self.key(run_id, "seen")
         if task_keys is None:
-            return {k.decode(): v.decode() for k, v in self.redis.hgetall(seen).items()}
+            return {k.decode(): TaskStatus(v.decode()) for k, v in self.redis.hgetall(seen).items()}
         if not task_keys:
             return {}
         values = self.redis.hmget(seen, task_keys)
-        return {k: v.decode() for k, v in zip(task_keys, values) if v is not None}
+        return {k: TaskStatus(v.decode()) for k, v in zip(task_keys, values) if v is not None}
 
     def record(self, job: BatchJob, result: BatchResult, retrying: Iterable[str] = ()) -> None:
         """Count a finished batch. ``retrying``: task keys of failures scheduled for another try."""
@@ -254,17 +292,17 @@ class RunStore:
             return
         run, retry = job.run_id, set(retrying)
         images = {task_key(t.task_id, t.ref): t.image for t in job.tasks}
-        statuses: dict[str, str] = {}
+        statuses: dict[str, TaskStatus] = {}
         failed_items: dict[str, str] = {}
         for r in result.results:
             key = task_key(r.task_id, r.ref)
-            status = "retrying" if key in retry and r.status != "ok" else result_status(r)
+            status = TaskStatus.retrying if key in retry and r.status != "ok" else result_status(r)
             statuses[key] = status
-            if status == "failed":
+            if status == TaskStatus.failed:
                 failed_items[key] = json.dumps({"task_id": r.task_id, "ref": r.ref, "error": r.error,
                                                 "kind": r.error_kind, "image": images.get(key),
                                                 "job_id": job.job_id, "at": time.time()})
-        cleared = [k for k, s in statuses.items() if s != "failed"]
+        cleared = [k for k, s in statuses.items() if s != TaskStatus.failed]
         self.mark(run, statuses)
         with self.redis.pipeline(transaction=False) as pipe:
             if cleared:
@@ -281,14 +319,14 @@ class RunStore:
         if not items:
             return
         failed = {task_key(i.get("task_id"), i.get("ref")): json.dumps({**i, "at": time.time()}) for i in items}
-        self.mark(run_id, {k: "failed" for k in failed})
+        self.mark(run_id, {k: TaskStatus.failed for k in failed})
         self.redis.hset(self.key(run_id, "failed"), mapping=failed)
         self.redis.expire(self.key(run_id, "failed"), RUN_TTL_S)
 
     def mark_queued(self, run_id: str, task_keys: list[str]) -> None:
         """Tasks just enqueued: pending again, whatever they were (a retried failure is no longer failed)."""
         if task_keys:
-            self.mark(run_id, {k: "queued" for k in task_keys})
+            self.mark(run_id, {k: TaskStatus.queued for k in task_keys})
             self.redis.hdel(self.key(run_id, "failed"), *task_keys)
 
     # -- batches ------------------------------------------------------------------------
@@ -321,7 +359,7 @@ class RunStore:
             run_id=run_id, total=n("total"), enqueued=n("enqueued"), done=n("n_ok") + n("n_cached"),
             failed=n("n_failed"), cached=n("n_cached"), skipped=n("n_skipped"), retrying=n("n_retrying"),
             queued=n("n_queued"),
-            state=d.get("state", "unknown"), started_at=float(d.get("started_at", 0)),
+            state=_run_state(d.get("state")), started_at=float(d.get("started_at", 0)),
             updated_at=float(d.get("updated_at", 0)), model_version=d.get("model_version", ""),
             source=d.get("source", ""), resumed_at=float(d.get("resumed_at", 0) or 0),
             resolved_at_resume=n("resolved_at_resume"))
@@ -331,7 +369,7 @@ class RunStore:
         return sorted(items, key=lambda i: (i.get("task_id") is None, i.get("task_id") or 0, i.get("ref") or ""))
 
     def runs(self) -> list[str]:
-        return sorted(x.decode() for x in self.redis.smembers(redis_key(self.prefix, "runs")))
+        return sorted(x.decode() for x in self.redis.smembers(self.keys.runs()))
 
     # -- one planner at a time ----------------------------------------------------------------
     def acquire_lock(self, run_id: str, owner: str, ttl_s: int = 120) -> bool:

@@ -16,7 +16,7 @@ many images (the GPU batch time measured by ``bench/gpu_e2e.py``), one call per 
 table then says how close the whole bulk path through the real Label Studio comes to the
 engine alone (``e2e / engine``), with the write-behind outbox on and off (``--write-behind``).
 
-Usage: ``.venv/bin/python bench/pipeline.py [--tasks 400] [--workers 1,2,4] [--batch-size 8]
+Usage: ``.venv/bin/python bench/queue_overhead.py [--tasks 400] [--workers 1,2,4] [--batch-size 8]
 [--modes label_studio,local] [--engine-seconds B:S,...] [--write-behind on,off] [--machine NAME]``. Needs redis-server and, for the
 label_studio mode, the test Label Studio (``.lsvenv``, see tests/fixtures/labelstudio.py).
 Prints a table and writes ``bench/results/pipeline-<machine>.{json,md}``.

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from egm.labeling import LabelingConfig, LabelingConfigError, parse_labeling_config
+from egm.labelstudio.config import LabelingConfig, LabelingConfigError, parse_labeling_config
 from egm.config.settings import Settings
 from egm.export.accepted import Chosen, ReviewPolicy, Selection, SelectionOptions, select_accepted
 from egm.export.coco import CocoImage, write_coco
@@ -198,7 +198,7 @@ def _one_annotation(chosen: Chosen, state: _State, options: ExportOptions) -> No
 
 def _image(task, state: _State) -> ImageEntry | None:
     try:
-        source = image_of(task.data, state.config.image_value_key)
+        source = image_of(task.data, state.config.target.image_key)
     except TaskDataError as exc:
         state.image_failures.append({"task_id": task.id, "error": str(exc)})
         return None

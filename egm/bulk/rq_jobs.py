@@ -8,9 +8,9 @@ from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry
 
 from egm.bulk.retries import RetryScheduler
-from egm.contract import BatchJob, Priority
+from egm.contract import BatchJob, ErrorKind, Priority
 from egm.queue import QueueClient
-from egm.runs import RunStore, task_key
+from egm.bulk.run_store import RunState, RunStore, TaskStatus, task_key
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def fail_abandoned(queue: QueueClient, runs: RunStore, run_id: str, model_versio
             continue
         reason = _last_error_line(queue, job_id)
         statuses = runs.statuses(run_id, [_key(t) for t in batch.tasks])
-        items = [{"task_id": t.task_id, "ref": t.ref, "image": t.image, "kind": "batch",
+        items = [{"task_id": t.task_id, "ref": t.ref, "image": t.image, "kind": ErrorKind.batch,
                   "error": f"batch job {job_id} failed after its retries: {reason}", "job_id": job_id}
-                 for t in batch.tasks if statuses.get(_key(t)) not in ("ok", "cached", "skipped")]
+                 for t in batch.tasks if statuses.get(_key(t)) not in (TaskStatus.ok, TaskStatus.cached, TaskStatus.skipped)]
         runs.record_failure(run_id, items)
         failed += len(items)
     return failed
@@ -111,7 +111,7 @@ def cancel_run(queue: QueueClient, run_id: str) -> dict[str, int]:
     """Stop a run cleanly: mark it cancelled (workers skip its batches, planners stop), cancel its
     queued batches and drop its pending retries. Batches already running finish normally."""
     runs = RunStore(queue.redis, queue.prefix)
-    runs.set_state(run_id, "cancelled")
+    runs.set_state(run_id, RunState.cancelled)
     job_ids = sorted(set(runs.assignments(run_id).values()))
     return {"jobs_cancelled": cancel_jobs(queue, job_ids),
             "retries_dropped": RetryScheduler(queue).drop_run(run_id)}

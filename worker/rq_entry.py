@@ -7,7 +7,8 @@ The GPU should never wait for anything but the engine: a job takes images the pr
 loaded while the previous batch ran (:mod:`egm.worker.prefetch`) and starts loading the next
 job's, and a bulk job hands its Label Studio write to the outbox (:mod:`egm.worker.outbox`)
 instead of waiting for it; the background writer then writes and records the run's progress
-(:func:`write_entry`).
+(:func:`write_entry`). How predictions are written (waiting out Label Studio outages, refusals,
+late interactive results) is the write policy of :mod:`egm.worker.delivery`, not this module's.
 
 A bulk batch offers the engine a pause hook (:mod:`egm.worker.preempt`): a waiting interactive
 job runs through this same function inside the bulk batch's engine call.
@@ -19,13 +20,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
-from egm.contract import LS_REFUSED, LS_UNAVAILABLE, VERSION_UNSERVED, BatchJob, BatchResult, TaskResult
-from egm.labelstudio import LabelStudioError
+from egm.contract import BatchJob, ErrorKind, BatchResult, TaskResult
 from egm.queue import QueueClient
-from egm.runs import RunStore
-from egm.worker.delivery import LabelStudioWriter
+from egm.bulk.run_store import RunStore
+from egm.worker.delivery import Delivery, LabelStudioWriter
 from egm.worker.outbox import BackgroundWriter, Entry
-from egm.worker.pipeline import BatchProcessor, BatchStats
+from egm.worker.batch_processor import BatchProcessor, BatchStats
 from egm.worker.preempt import Preemptor
 from egm.worker.prefetch import Prefetcher
 
@@ -45,6 +45,11 @@ class Runtime:
     outbox: BackgroundWriter | None = None
     #: runs waiting interactive jobs during pauses of bulk batches (None: they wait for the batch)
     preemptor: Preemptor | None = None
+
+    @property
+    def delivery(self) -> Delivery:
+        """The write policy (egm.worker.delivery) with this worker's writer, queue and patience."""
+        return Delivery(self.writer, self.queue, self.processor.settings.ls_outage_wait_s)
 
 
 _RUNTIME: Runtime | None = None
@@ -87,16 +92,16 @@ def run_batch(payload: dict) -> dict:
     written, queued = 0, False
     if job.write_to_label_studio and rt.outbox is not None:
         rt.queue.store_result(result)
-        _check_writable(rt, result)
+        rt.delivery.check_writable(result)
         rt.outbox.file(job, result, asdict(stats))  # durable before RQ counts the job done
         queued = True  # the writer records the batch once written
     elif job.write_to_label_studio:
-        written = _write(rt, job.project_id, result)
+        written = rt.delivery.write(job.project_id, result)
         _finish(rt, job, result, stats)
     else:
         _finish(rt, job, result, stats)
         if job.deliver_late:
-            written = _deliver_late(rt, job, result)  # after storing: the handshake with /predict needs it
+            written = rt.delivery.deliver_late(job, result)  # after storing: the handshake with /predict needs it
     ok = sum(r.status == "ok" for r in result.results)
     log.info("batch done", extra={"job_id": job.job_id, "priority": job.priority.value, "tasks": len(job.tasks),
                                   "ok": ok, "failed": len(job.tasks) - ok, "written": written,
@@ -121,18 +126,12 @@ def write_entry(entry: Entry, rt: Runtime | None = None) -> int:
     per task through the delivery claims), then the run's progress. Returns predictions written."""
     rt = rt or runtime()
     job, result = entry.job, entry.result
-    written = _write(rt, job.project_id, result)
+    written = rt.delivery.write(job.project_id, result)
     if callable(rt.on_batch_done):
         rt.on_batch_done(job, result, BatchStats(**entry.stats))
     log.info("batch written", extra={"job_id": job.job_id, "written": written, "tasks": len(job.tasks),
                                      "taken_over": entry.taken_over})
     return written
-
-
-def _check_writable(rt: Runtime, result: BatchResult) -> None:
-    """Fail the job now, as a synchronous write would, when there is no Label Studio to write to."""
-    if rt.writer.client is None and any(r.status == "ok" and r.task_id is not None for r in result.results):
-        raise RuntimeError("cannot write predictions: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set")
 
 
 def _refuse_other_version(rt: Runtime, job: BatchJob) -> dict:
@@ -142,100 +141,10 @@ def _refuse_other_version(rt: Runtime, job: BatchJob) -> dict:
               f"{rt.processor.model_version}; plan it again")
     result = BatchResult(job_id=job.job_id, model_version=job.model_version, worker=rt.processor.worker_name,
                          results=[TaskResult(task_id=t.task_id, ref=t.ref, status="failed", error=reason,
-                                             error_kind=VERSION_UNSERVED) for t in job.tasks])
+                                             error_kind=ErrorKind.version) for t in job.tasks])
     rt.queue.store_result(result)
     if job.run_id:
         RunStore(rt.queue.redis, rt.queue.prefix).record(job, result)
     log.error("refused a job of another model version", extra={"job_id": job.job_id, "expected": job.model_version,
                                                                "serving": rt.processor.model_version})
     return {"job_id": job.job_id, "ok": 0, "failed": len(job.tasks), "written": 0}
-
-
-def _deliver_late(rt: Runtime, job: BatchJob, result: BatchResult) -> int:
-    """An interactive result: /predict's to answer until its deadline, ours to write after it."""
-    if rt.queue.worker_must_deliver(job.job_id):
-        n = _write_late(rt, job.project_id, result)
-        log.info("delivered a late result past its deadline", extra={"job_id": job.job_id, "written": n})
-        return n
-    due = rt.queue.handoff_due(job.job_id)
-    if due is not None:
-        # /predict may still answer; if it died waiting, the late sweep delivers after the deadline.
-        rt.queue.defer_delivery(job.job_id, job.project_id, due)
-    return 0
-
-
-def deliver_due(rt: Runtime | None = None) -> int:
-    """Write late results that nobody claimed by their deadline (the backend died or lost Redis
-    while it waited). Called by the worker between jobs; returns how many predictions it wrote."""
-    rt = rt or runtime()
-    written = 0
-    for job_id, project_id in rt.queue.take_due_deliveries():
-        result = rt.queue.result(job_id)
-        if result is None:
-            log.warning("late result expired before delivery", extra={"job_id": job_id})
-            continue
-        if rt.queue.worker_must_deliver(job_id):  # False when /predict answered with it after all
-            n = _write_late(rt, project_id, result)
-            log.info("delivered a late result nobody claimed", extra={"job_id": job_id, "written": n})
-            written += n
-    return written
-
-
-def _write_late(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
-    if rt.writer.client is None:
-        log.warning("late result kept in Redis only: no Label Studio credentials configured",
-                    extra={"job_id": result.job_id})
-        return 0
-    return _write(rt, project_id, result)
-
-
-def _transient(exc: LabelStudioError) -> bool:
-    """Label Studio down, overloaded or unreachable: worth waiting for."""
-    return exc.status_code is None or exc.status_code >= 500 or exc.status_code == 429
-
-
-def _write(rt: Runtime, project_id: int | None, result: BatchResult) -> int:
-    """Write the batch's predictions; a prediction Label Studio refuses fails that task only.
-
-    While Label Studio is unreachable the worker waits (backoff, up to ``EGM_LS_OUTAGE_WAIT_S``)
-    rather than failing the job: the results are computed and a retried job would recompute
-    them. After that the unwritten tasks fail as ``LS_UNAVAILABLE`` (bulk runs retry them later);
-    on a refusal (4xx) as ``LS_REFUSED``; always with the reason, so they are listed, never lost.
-    """
-    patience = rt.processor.settings.ls_outage_wait_s
-    give_up_at = time.monotonic() + patience
-    delay = 1.0
-    while True:
-        try:
-            report = rt.writer.write(project_id, result.results, result.model_version, owner=result.job_id)
-            break
-        except LabelStudioError as exc:
-            if not _transient(exc):
-                return _fail_unwritten(rt, result, str(exc), LS_REFUSED)
-            if time.monotonic() + delay > give_up_at:
-                return _fail_unwritten(rt, result, f"Label Studio unavailable for {patience:.0f} s: {exc}",
-                                       LS_UNAVAILABLE)
-            log.warning("Label Studio write failed; waiting for it", extra={
-                "job_id": result.job_id, "retry_in_s": delay, "error": str(exc)})
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
-    for r in result.results:
-        if r.task_id in report.refused:
-            r.status, r.error_kind = "failed", LS_REFUSED
-            r.error = f"Label Studio refused the prediction: {report.refused[r.task_id]}"
-    if report.refused:
-        rt.queue.store_result(result)
-    return len(report.written)
-
-
-def _fail_unwritten(rt: Runtime, result: BatchResult, why: str, kind: str) -> int:
-    failed = 0
-    for r in result.results:
-        if r.status == "ok" and r.task_id is not None and not rt.writer.is_written(result.model_version, r.task_id):
-            r.status, r.error_kind = "failed", kind
-            r.error = f"prediction not written to Label Studio: {why}"
-            failed += 1
-    log.error("predictions not written to Label Studio", extra={"job_id": result.job_id, "tasks": failed,
-                                                                "error": why})
-    rt.queue.store_result(result)
-    return 0

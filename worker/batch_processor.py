@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from egm.config.settings import Settings
 from egm.active_learning import prediction_score, samples_agreement
 from egm.confidence import box_scores
-from egm.contract import BatchJob, BatchResult, BoxResult, LabelTarget, Query, TaskJob, TaskResult
+from egm.contract import BatchJob, BatchResult, BoxResult, ErrorKind, LabelTarget, Query, TaskJob, TaskResult
 from egm.geometry import grid_to_pixels
-from egm.ls_results import build_result
+from egm.labelstudio.results import build_result
 from egm.parsing import ParsedCompletion, ParseStatus, parse_completion
 from egm.worker.cache import CachedOutput, ResultCache
 from egm.worker.engines.base import BetweenSteps, Engine, EngineRequest
@@ -169,13 +169,13 @@ class BatchProcessor:
                      target: LabelTarget, stats: BatchStats) -> TaskResult:
         base = {"task_id": task.task_id, "ref": task.ref}
         if isinstance(image, ImageLoadError):
-            return TaskResult(**base, status="failed", error=str(image), error_kind=f"image:{image.kind}")
+            return TaskResult(**base, status="failed", error=str(image), error_kind=ErrorKind.of_image(image.kind))
         if not outcomes:
-            return TaskResult(**base, status="failed", error="task has no queries", error_kind="request",
+            return TaskResult(**base, status="failed", error="task has no queries", error_kind=ErrorKind.request,
                               width=image.width, height=image.height)
         errors = [o.error for o in outcomes if o.error]
         if len(errors) == len(outcomes):
-            return TaskResult(**base, status="failed", error=f"engine: {errors[0]}", error_kind="engine",
+            return TaskResult(**base, status="failed", error=f"engine: {errors[0]}", error_kind=ErrorKind.engine,
                               width=image.width, height=image.height)
 
         boxes: list[BoxResult] = []
@@ -194,14 +194,15 @@ class BatchProcessor:
         if statuses and all(s == ParseStatus.unparseable for s in statuses):
             stats.parse_failures += 1
             return TaskResult(**base, status="failed", error="model output has no box that could be parsed",
-                              error_kind="parse", parse_status=ParseStatus.unparseable.value,
+                              error_kind=ErrorKind.parse, parse_status=ParseStatus.unparseable.value,
                               completions=completions, width=image.width, height=image.height)
         reasoning = "\n".join(reasonings)
         worst = _worst_status(statuses)
         return TaskResult(
             **base, status="ok", reasoning=reasoning, boxes=boxes, parse_status=worst.value,
             width=image.width, height=image.height, score=self._score(boxes, outcomes),
-            ls_result=build_result(boxes, target, image.width, image.height, reasoning),
+            ls_result=build_result(boxes, target, image.width, image.height, reasoning,
+                                   referring=any(o.query.expression for o in outcomes)),
             completions=completions, cached=all(o.cached for o in outcomes),
         )
 
@@ -215,11 +216,12 @@ class BatchProcessor:
                image: LoadedImage) -> list[BoxResult]:
         out = []
         for k, pb in enumerate(parsed.boxes):
+            # A typed prompt's label is decided by the planner (egm.queries.prompt_label) and comes as
+            # query.label; never guess one here (not the config's first label: it is wrong more often than not).
             label = outcome.query.label or target.resolve_label(pb.label, fallback=outcome.query.expression)
-            if label is None and outcome.query.expression:
-                label = target.labels[0]  # typed prompt, config label not named: first label of the config
             if label is None:
-                log.info("dropping box with label not in config", extra={"model_label": pb.label})
+                log.info("dropping box with label not in config",
+                         extra={"model_label": pb.label, "prompt": outcome.query.expression is not None})
                 continue
             score = outcome.scores[k] if k < len(outcome.scores) else None
             out.append(BoxResult(
@@ -233,10 +235,8 @@ _SEVERITY = [ParseStatus.ok, ParseStatus.no_boxes, ParseStatus.repaired, ParseSt
 
 
 def _sample_texts(out, extra_outputs: list, wanted: int) -> list[str]:
-    """Up to ``wanted`` extra answers: those the engine sampled itself (``extra["samples"]``), then the
-    answers to the repeated requests."""
-    texts = [s.get("text") for s in (out.extra or {}).get("samples", []) if isinstance(s, dict)]
-    texts += [e.text for e in extra_outputs if not e.error]
+    """Up to ``wanted`` extra answers: those to the repeated requests (the K-sample mechanism)."""
+    texts = [e.text for e in extra_outputs if not e.error]
     return [t for t in texts if isinstance(t, str)][:wanted]
 
 
