@@ -676,3 +676,22 @@ def test_compose_only_variables_are_documented():
     doc = DEPLOYMENT_DOC.read_text()
     undocumented = sorted(v for v in COMPOSE_ONLY_VARS if f"`{v}`" not in doc)
     assert not undocumented, f"document in docs/deployment.md: {undocumented}"
+
+
+# --- packaging --------------------------------------------------------------------------------
+
+
+def test_every_code_package_is_in_the_wheel():
+    """The images install the wheel, not the checkout: a package missing from pyproject's list is
+    missing there (egm.labelstudio was, and the backend container died at import)."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    for name, folder in tool["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            if "__pycache__" in init.parts:
+                continue
+            rel = init.parent.relative_to(ROOT / folder).parts
+            package = ".".join((name, *rel))
+            assert package in listed, f"add {package!r} to [tool.setuptools] packages in pyproject.toml"
