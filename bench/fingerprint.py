@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -150,15 +152,6 @@ def run(args) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def table(result: dict) -> str:
     lines = ["| case | seconds | hashed GB | GB/s |", "|---|---:|---:|---:|"]
@@ -178,7 +171,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     args = p.parse_args()
     result = run(args)
-    meta = {"machine": args.machine, "cpus": os.cpu_count(), "cpu": _cpu_model(),
+    meta = {"machine": args.machine, "cpus": os.cpu_count(), "cpu": cpu_model(),
             "threads": args.threads or min(8, os.cpu_count() or 1), "python": platform.python_version(),
             "size_gb": result["size_gb"], "tensors": result["tensors"], "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = args.out

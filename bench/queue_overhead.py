@@ -41,6 +41,8 @@ from egm import processes  # noqa: E402
 from tests.bulk_support import image_bytes  # noqa: E402
 from tests.stack import BOXES_CONFIG  # noqa: E402
 
+from machine import cpu_model  # noqa: E402  (bench/machine.py)
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -227,15 +229,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def main() -> int:
     args = parse_args()
@@ -264,7 +257,7 @@ def main() -> int:
         bench.stop()
     rows = summarize(rows)
     simulated = bool(engine_seconds)
-    meta = {"machine": args.machine, "cpus": os.cpu_count(), "cpu": _cpu_model(),
+    meta = {"machine": args.machine, "cpus": os.cpu_count(), "cpu": cpu_model(),
             "gpu": "none (engine time simulated)" if simulated else "none needed (no-op engine)",
             "python": platform.python_version(), "tasks": args.tasks,
             "engine": (f"scripted, sleeping the GPU batch time per call: {args.engine_seconds}" if simulated
