@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from egm.config.settings import Settings
@@ -54,6 +56,17 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 def spawn_worker(settings: Settings, log_path: Path, *args: str, **extra: str):
     return processes.spawn(["worker", *args], worker_env(settings, **extra), log_path)
+
+
+@contextmanager
+def running_worker(settings: Settings, log_path: Path, *args: str, **extra: str) -> Iterator:
+    """A worker process, ready (published in the fleet) on entry and stopped on exit."""
+    proc = spawn_worker(settings, log_path, *args, **extra)
+    try:
+        wait_ready(settings, 60, proc)
+        yield proc
+    finally:
+        processes.stop(proc)
 
 
 def wait_ready(settings: Settings, timeout_s: float = 60, proc=None) -> str:

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from egm import processes
 from egm.backend.app import create_app
 from tests import images_factory
-from tests.stack import BOXES_CONFIG, SAMPLES, sample_images, spawn_worker, wait_ready
+from tests.stack import BOXES_CONFIG, SAMPLES, running_worker, sample_images, spawn_worker, wait_ready
 from tests.test_e2e_labelstudio import Stack
 
 LABELING = Path(__file__).resolve().parent.parent / "config" / "labeling"
@@ -67,10 +67,8 @@ def settings(egm_env, monkeypatch):
 
 @pytest.fixture()
 def worker(settings, tmp_path):
-    proc = spawn_worker(settings, tmp_path / "worker.log")
-    wait_ready(settings, 60, proc)
-    yield proc
-    processes.stop(proc)
+    with running_worker(settings, tmp_path / "worker.log") as proc:
+        yield proc
 
 
 def _predict(client, context, config=PROMPT_CONFIG, image="shapes.jpg", **task_extra):

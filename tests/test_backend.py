@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from egm.backend.app import create_app
 from egm import processes
-from tests.stack import BOXES_CONFIG, SAMPLES, sample_images, spawn_worker, version_of, wait_ready
+from tests.stack import BOXES_CONFIG, SAMPLES, running_worker, sample_images, spawn_worker, version_of, wait_ready
 
 AUTH = ("labelstudio", "s3cret-pass-9")
 
@@ -35,10 +35,8 @@ def client(settings):
 
 @pytest.fixture()
 def worker(settings, tmp_path):
-    proc = spawn_worker(settings, tmp_path / "worker.log")
-    wait_ready(settings, 60, proc)
-    yield proc
-    processes.stop(proc)
+    with running_worker(settings, tmp_path / "worker.log") as proc:
+        yield proc
 
 
 def _tasks(n=None):
