@@ -538,6 +538,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--grpo-lr", type=float, default=3e-5)
     sp.add_argument("--no-multi-rows", action="store_true", help="train on the export's per-label rows only")
+    sp.add_argument("--augment", default="mirror,channels",
+                    help="picture variants trained on besides the rows: mirror, channels, both (default) or none")
     sp.add_argument("--init", help="start from this checkpoint folder instead of models/v0 (a second call)")
     sp.add_argument("--tiny", action="store_true", help="CPU smoke test: a few steps, few scenes")
     sp = stage("unpack", cmd_unpack, "unpack the GPU call's output into models/")

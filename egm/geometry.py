@@ -247,6 +247,11 @@ def upright_to_stored(box: Box, stored_width: int, stored_height: int, orientati
     return Box(a[0], a[1], b[0], b[1]).ordered()
 
 
+def mirror_grid(box: Box) -> Box:
+    """A 0..1000 grid box of an image -> the same object's box once the image is mirrored left-right."""
+    return stored_to_upright(box, int(GRID), int(GRID), 2)
+
+
 # --- matching -----------------------------------------------------------------
 
 def greedy_match(a: list[Box], b: list[Box], min_iou: float = 0.0) -> list[tuple[int, int, float]]:

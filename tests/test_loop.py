@@ -85,6 +85,10 @@ def test_every_stage_hands_over_to_the_next(label_studio, redis_url, tiny_model_
     figures = json.loads((out / "loop-gpu.json").read_text())
     assert "error" not in figures, figures.get("error")
     assert figures["sft"]["steps"] > 0 and figures["sft"]["loss_curve"]
+    assert figures["sft_rows"]["augment"] == ["mirror", "channels"] and figures["sft_rows"]["variant_rows"] > 0
+    curve = figures["sft"]["eval_curve"]
+    assert curve and {"found_share", "train_found_share"} <= set(curve[0]), "held-out and train scenes measured"
+    assert figures["v1_train_scenes"]["multi"]["objects"] > 0
     assert set(figures["v1"]) == {"multi", "per_label"} and figures["v1"]["multi"]["objects"] > 0
     assert figures["grpo"]["steps"] > 0 and figures["grpo"]["reward_curve"]
     assert {p.name for p in out.iterdir()} >= {"v1.tar", "v1-grpo.tar", "loop-gpu.json", "train.log"}

@@ -11,21 +11,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from egm.worker.tiny_model import build_model_and_processor
+from egm.worker.training.grpo import GrpoDataError, load_reward, read_grpo_parquet
+from egm.worker.training.sft_data import (
+    IGNORE_INDEX,
+    SftDataError,
+    apply_variant,
+    augment_rows,
+    encode_rows,
+    multi_category_rows,
+    read_sft_jsonl,
+)
 
 from egm.contract import LabelTarget
 from egm.export.reward import compute_score
 from egm.geometry import Box
 from egm.parsing import format_completion, parse_completion
 from egm.scenes import Scene, SceneObject, write_scenes
-from egm.worker.tiny_model import build_model_and_processor
-from egm.worker.training.grpo import GrpoDataError, load_reward, read_grpo_parquet
-from egm.worker.training.sft_data import (
-    IGNORE_INDEX,
-    SftDataError,
-    encode_rows,
-    multi_category_rows,
-    read_sft_jsonl,
-)
 
 PIXELS = 64 * 32 * 32
 LABELS = ["circle", "square", "triangle"]
@@ -112,6 +114,58 @@ def test_multi_category_rows_list_each_images_boxes_in_label_order(export) -> No
     typed = [r for r in rows]
     typed[0] = type(typed[0])(**{**typed[0].__dict__, "answer": format_completion("", [([1, 2, 3, 4], "red ball")])})
     assert len(multi_category_rows(typed, LABELS, MULTI)) == 3, "an image with a typed expression gets none"
+
+
+def _plain(labels=LABELS) -> set[str]:
+    return {f"Locate {label}, output its bbox coordinates using JSON format." for label in labels} | {MULTI}
+
+
+def test_augmented_rows_move_the_boxes_with_the_picture(export, model_and_processor) -> None:
+    model, processor = model_and_processor
+    rows = read_sft_jsonl(export / "sft" / "train.jsonl", export)
+    rows += multi_category_rows(rows, LABELS, MULTI)
+    out = augment_rows(rows, ("mirror", "channels"), _plain())
+    assert out[:len(rows)] == rows, "the rows themselves come first, unchanged"
+    variants = out[len(rows):]
+    assert len(variants) == 5 * len(rows), "mirrored, two colour rotations, and both combined"
+    for v in variants:
+        original = next(r for r in rows if v.id.startswith(r.id + "-") and v.id[len(r.id) + 1:] == v.variant.replace("+", "-"))
+        assert (v.image, v.before, v.after) == (original.image, original.before, original.after)
+        mine, theirs = parse_completion(v.answer).boxes, parse_completion(original.answer).boxes
+        assert [b.label for b in mine] == [b.label for b in theirs]
+        for a, b in zip(mine, theirs):
+            if "mirror" in v.variant:
+                assert a.box.to_list() == [1000 - b.box.x2, b.box.y1, 1000 - b.box.x1, b.box.y2]
+            else:
+                assert a.box == b.box
+
+    # the picture is altered as the answer says: a mirrored scene's shape sits where the mirrored box is
+    data = encode_rows(out, processor, model, min_pixels=PIXELS, max_pixels=PIXELS)
+    assert len(data.pixel_values) == 4 * 6, "each picture variant is preprocessed once"
+    from PIL import Image
+
+    with Image.open(rows[0].image) as im:
+        picture = im.convert("RGB")
+    mirrored = apply_variant(picture, "mirror")
+    assert mirrored.getpixel((0, 5)) == picture.getpixel((picture.width - 1, 5))
+    recoloured = apply_variant(picture, "gbr")
+    r, g, b = picture.getpixel((3, 3))
+    assert recoloured.getpixel((3, 3)) == (g, b, r)
+
+
+def test_rows_a_variant_would_make_false_get_none(export) -> None:
+    rows = read_sft_jsonl(export / "sft" / "train.jsonl", export)
+    first = rows[0]
+    label = parse_completion(first.answer).boxes[0].label
+    box = parse_completion(first.answer).boxes[0].box.to_list()
+    reasoned = type(first)(**{**first.__dict__, "id": "reasoned",
+                              "answer": format_completion(f"The {label} on the left.", [(box, label)])})
+    typed = type(first)(**{**first.__dict__, "id": "typed", "after": "Locate the red shape on the left."})
+    out = augment_rows([reasoned, typed, first], ("mirror",), _plain())
+    assert [r.id for r in out] == ["reasoned", "typed", first.id, f"{first.id}-mirror"], \
+        "reasoning and typed expressions can name a side or a colour: no variant"
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment_rows(rows, ("rotate",), _plain())
 
 
 @pytest.mark.parametrize("line, message", [

@@ -6,8 +6,10 @@ call cut short still returns its model and figures:
 
 1. the model to train: the manifest's size (``small``) with random weights, or ``--init`` (a
    checkpoint of an earlier call, to train further); its held-out figures before training;
-2. the SFT JSONL read as qwen-vl-finetune reads it (+ one multi-category row per image),
-   trained with transformers' Trainer, with a held-out learning curve;
+2. the SFT JSONL read as qwen-vl-finetune reads it (+ one multi-category row per image, + the
+   rows' mirrored and recoloured variants, ``--augment``), trained with transformers' Trainer,
+   with a learning curve on held-out scenes and on train scenes (the gap between the two shows
+   a model learning its pictures by heart rather than learning to box);
 3. v1's held-out figures in both prompt modes; ``v1.tar`` (bf16 weights, tokenizer, processor);
 4. GRPO with TRL on the GRPO parquet and the exported reward, from v1; its figures;
    ``v1-grpo.tar``;
@@ -21,8 +23,10 @@ import json
 import random
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +71,10 @@ def _run(ws, out: Path, args, figures: dict) -> int:
 
     from egm.contract import LabelTarget
     from egm.prompts import PromptTemplates
-    from egm.scenes import read_scenes
+    from egm.scenes import read_scenes, write_scenes
     from egm.worker.training.heldout import HeldOut, evaluate
     from egm.worker.training.sft import SftConfig, train_sft
-    from egm.worker.training.sft_data import encode_rows, multi_category_rows, read_sft_jsonl
+    from egm.worker.training.sft_data import augment_rows, encode_rows, multi_category_rows, read_sft_jsonl
 
     t0 = time.monotonic()
     deadline = t0 + args.deadline
@@ -106,6 +110,12 @@ def _run(ws, out: Path, args, figures: dict) -> int:
                       budget["min_pixels"], budget["max_pixels"], max_new_tokens=budget["max_new_tokens"],
                       batch_size=16 if args.tiny else 128)
     curve_set = heldout.subset(8 if args.tiny else HELDOUT_CURVE_SCENES)
+    # the same number of train scenes, drawn again from their seeds (scenes are deterministic)
+    train_split = manifest["scenes"]["train"]
+    train_seeds = range(train_split["first_seed"], train_split["first_seed"] + min(len(curve_set.scenes),
+                                                                                   train_split["count"]))
+    train_dir = Path(tempfile.mkdtemp(prefix="egm-loop-train-scenes-"))  # not in out: its files come back
+    train_set = replace(curve_set, scenes=write_scenes(train_dir, train_seeds), images=train_dir)
 
     def phase(name: str, fn):
         started = time.monotonic()
@@ -126,9 +136,13 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     derived = [] if args.no_multi_rows else multi_category_rows(rows, target.labels, multi_prompt)
     if args.tiny:
         rows, derived = rows[:24], derived[:8]
-    data = phase("encode", lambda: encode_rows(rows + derived, processor, model, min_pixels=budget["min_pixels"],
+    kinds = tuple(k for k in args.augment.split(",") if k and k != "none")
+    plain = {templates.referring_prompt(label) for label in target.labels} | {multi_prompt}
+    train_rows = augment_rows(rows + derived, kinds, plain)
+    data = phase("encode", lambda: encode_rows(train_rows, processor, model, min_pixels=budget["min_pixels"],
                                                max_pixels=budget["max_pixels"]).to(device))
-    figures["sft_rows"] = {"export_rows": len(rows), "multi_category_rows": len(derived), **data.stats()}
+    figures["sft_rows"] = {"export_rows": len(rows), "multi_category_rows": len(derived), "augment": list(kinds),
+                           "variant_rows": len(train_rows) - len(rows) - len(derived), **data.stats()}
     grpo_share = args.grpo_seconds if _has_trl() and args.grpo_seconds > 0 else 0
     seconds = 8 if args.tiny else min(args.sft_seconds, deadline - time.monotonic() - RESERVE_AFTER_SFT_S - grpo_share)
     config = SftConfig(seconds=max(10.0, seconds), batch_size=4 if args.tiny else args.batch_size, lr=args.lr,
@@ -137,15 +151,20 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     print(f"[{_t(t0)}] SFT on {len(data)} rows for {config.seconds:.0f} s", flush=True)
 
     def measure(m) -> dict:
-        result = evaluate(m, processor, curve_set, modes=("multi",))["multi"]
-        print(f"    {len(curve_set.scenes)} held-out scenes: found@0.5 {result['found_share']:.1%}, "
-              f"mean IoU {result['mean_iou']:.3f}", flush=True)
-        return {"found_share": result["found_share"], "mean_iou": result["mean_iou"]}
+        held = evaluate(m, processor, curve_set, modes=("multi",))["multi"]
+        seen = evaluate(m, processor, train_set, modes=("multi",))["multi"]
+        print(f"    {len(curve_set.scenes)} held-out scenes: found@0.5 {held['found_share']:.1%}, "
+              f"mean IoU {held['mean_iou']:.3f}; {len(train_set.scenes)} train scenes: found@0.5 "
+              f"{seen['found_share']:.1%}, mean IoU {seen['mean_iou']:.3f}", flush=True)
+        return {"found_share": held["found_share"], "mean_iou": held["mean_iou"],
+                "train_found_share": seen["found_share"], "train_mean_iou": seen["mean_iou"]}
 
     figures["sft"] = phase("sft", lambda: train_sft(model, data, config, measure=measure))
     data.pixel_values = []  # the encoded images are not needed any more; GRPO has its own
     figures["v1"] = phase("evaluate v1", lambda: evaluate(model, processor, heldout))
     _print_scores("v1", figures["v1"])
+    figures["v1_train_scenes"] = evaluate(model, processor, train_set, modes=("multi",))
+    _print_scores("v1 on train scenes", figures["v1_train_scenes"])
     phase("save v1", lambda: _save(model, processor, out / "v1.tar", figures, "v1"))
 
     # ---- GRPO
@@ -190,8 +209,6 @@ def _has_trl() -> bool:
 
 def _save(model: Any, processor: Any, tar_path: Path, figures: dict, name: str) -> None:
     """bf16 weights + tokenizer + processor + provenance, as one tar (the GPU call returns few files)."""
-    import tempfile
-
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
