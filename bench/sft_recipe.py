@@ -31,8 +31,7 @@ from rooms import REPO, map_rooms  # noqa: E402
 
 map_rooms()
 
-HELDOUT_SEED_BASE = 1_000_000  # bench/loop.py's: the held-out scenes are the loop's own
-SHAPES_CONFIG = REPO / "config" / "labeling" / "shapes.xml"
+from loop import HELDOUT_SEED_BASE, PIXELS, SHAPES_CONFIG, TRAINED_SIZE  # noqa: E402 - the loop's own scenes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-multi-rows", action="store_true", help="leave out the multi-category rows")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--size", default="small", help="model size preset (worker/tiny_model.py)")
-    p.add_argument("--pixels", type=int, default=50176, help="image budget (EGM's SFT budget)")
+    p.add_argument("--size", default=TRAINED_SIZE, help=f"model size preset (worker/tiny_model.py; {TRAINED_SIZE})")
+    p.add_argument("--pixels", type=int, default=PIXELS, help=f"image budget ({PIXELS}, EGM's SFT budget)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's choice)")
     p.add_argument("--dir", type=Path, default=REPO / ".loop" / "recipe", help="where scenes are written")
     p.add_argument("--tag", default="", help="name of this try in the results file (default: from the options)")
@@ -90,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = augment_rows(rows, kinds, plain)
 
     model, processor = build_model_and_processor(device=device, dtype=torch.float32, size=args.size, seed=0,
-                                                 min_pixels=args.pixels // 4, max_pixels=args.pixels)
-    data = encode_rows(rows, processor, model, min_pixels=args.pixels // 4, max_pixels=args.pixels).to(device)
+                                                 min_pixels=args.pixels, max_pixels=args.pixels)
+    data = encode_rows(rows, processor, model, min_pixels=args.pixels, max_pixels=args.pixels).to(device)
     print(f"{tag}: {data.stats()} on {device}", flush=True)
 
     def split(folder: Path, n: int) -> HeldOut:
-        return HeldOut(read_scenes(folder)[:n], folder, templates, target, args.pixels // 4, args.pixels,
-                       max_new_tokens=128, batch_size=64)
+        return HeldOut(read_scenes(folder)[:n], folder, templates, target, args.pixels, args.pixels,
+                       batch_size=64)
 
     heldout, curve_held, curve_train = (split(held_dir, args.heldout), split(held_dir, args.curve_scenes),
                                         split(train_dir, args.curve_scenes))
