@@ -58,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     from egm.worker.tiny_model import build_model_and_processor
     from egm.worker.training.heldout import HeldOut, evaluate
     from egm.worker.training.sft import SftConfig, train_sft
-    from egm.worker.training.sft_data import SftRow, augment_rows, encode_rows, multi_category_rows
+    from egm.worker.training.sft_data import (
+        SftRow,
+        augment_rows,
+        augmentation_kinds,
+        encode_rows,
+        multi_category_rows,
+        plain_questions,
+    )
 
     from egm.labelstudio.config import parse_labeling_config
     from egm.parsing import format_completion
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    kinds = tuple(k for k in args.augment.split(",") if k and k != "none")
+    kinds = augmentation_kinds(args.augment)
     tag = args.tag or f"{args.train}-{'+'.join(kinds) or 'none'}-{int(args.seconds)}s"
 
     train_dir, held_dir = args.dir / f"train-{args.train}", args.dir / f"heldout-{args.heldout}"
@@ -85,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                    format_completion("", [(o.grid.to_list(0), o.label)]))
             for s in read_scenes(train_dir) for o in s.objects]
     rows += [] if args.no_multi_rows else multi_category_rows(rows, target.labels, multi_prompt)
-    plain = {templates.referring_prompt(label) for label in target.labels} | {multi_prompt}
-    rows = augment_rows(rows, kinds, plain)
+    rows = augment_rows(rows, kinds, plain_questions(templates, target.labels))
 
     model, processor = build_model_and_processor(device=device, dtype=torch.float32, size=args.size, seed=0,
                                                  min_pixels=args.pixels, max_pixels=args.pixels)

@@ -74,7 +74,14 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     from egm.scenes import read_scenes, write_scenes
     from egm.worker.training.heldout import HeldOut, evaluate
     from egm.worker.training.sft import SftConfig, train_sft
-    from egm.worker.training.sft_data import augment_rows, encode_rows, multi_category_rows, read_sft_jsonl
+    from egm.worker.training.sft_data import (
+        augment_rows,
+        augmentation_kinds,
+        encode_rows,
+        multi_category_rows,
+        plain_questions,
+        read_sft_jsonl,
+    )
 
     t0 = time.monotonic()
     deadline = t0 + args.deadline
@@ -136,9 +143,8 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     derived = [] if args.no_multi_rows else multi_category_rows(rows, target.labels, multi_prompt)
     if args.tiny:
         rows, derived = rows[:24], derived[:8]
-    kinds = tuple(k for k in args.augment.split(",") if k and k != "none")
-    plain = {templates.referring_prompt(label) for label in target.labels} | {multi_prompt}
-    train_rows = augment_rows(rows + derived, kinds, plain)
+    kinds = augmentation_kinds(args.augment)
+    train_rows = augment_rows(rows + derived, kinds, plain_questions(templates, target.labels))
     data = phase("encode", lambda: encode_rows(train_rows, processor, model, min_pixels=budget["min_pixels"],
                                                max_pixels=budget["max_pixels"]).to(device))
     figures["sft_rows"] = {"export_rows": len(rows), "multi_category_rows": len(derived), "augment": list(kinds),

@@ -159,6 +159,16 @@ VARIANTS = {
 AUGMENTATIONS = {"mirror": ("mirror",), "channels": ("gbr", "brg")}
 
 
+def augmentation_kinds(spec: str) -> tuple[str, ...]:
+    """``--augment``'s value ("mirror,channels", "mirror", "none", "") -> the kinds it names."""
+    return tuple(k.strip() for k in spec.split(",") if k.strip() and k.strip() != "none")
+
+
+def plain_questions(templates: Any, labels: list[str]) -> set[str]:
+    """The questions that name nothing but labels: each label's referring prompt, the multi-category prompt."""
+    return {templates.referring_prompt(label) for label in labels} | {templates.multi_prompt(labels)}
+
+
 def augment_rows(rows: list[SftRow], kinds: tuple[str, ...], plain_questions: set[str]) -> list[SftRow]:
     """``rows`` plus their variants of ``kinds`` (keys of :data:`AUGMENTATIONS`; see the module docstring).
 
