@@ -121,7 +121,7 @@ def _run(ws, out: Path, args, figures: dict) -> int:
     train_split = manifest["scenes"]["train"]
     train_seeds = range(train_split["first_seed"], train_split["first_seed"] + min(len(curve_set.scenes),
                                                                                    train_split["count"]))
-    train_dir = Path(tempfile.mkdtemp(prefix="egm-loop-train-scenes-"))  # not in out: its files come back
+    train_dir = ws.scenes("train-curve")  # in the loop's folder, not in out: out's files come back
     train_set = replace(curve_set, scenes=write_scenes(train_dir, train_seeds), images=train_dir)
 
     def phase(name: str, fn):
